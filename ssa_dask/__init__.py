@@ -1,0 +1,53 @@
+"""ssa_dask: SSA single-cell to spatial alignment, out of core on Dask.
+
+The pipeline, one module a step::
+
+    io.read_expression -> standardize.summarize -> genes.select_genes -> cost.PearsonCost
+    -> kernel.build_kernel -> sinkhorn.sinkhorn -> assign.assignment_dataset
+
+:func:`align` runs it end to end.
+"""
+
+from ssa_dask.align import align
+from ssa_dask.assign import add_to_anndata, assignment_dataset, write_result
+from ssa_dask.cluster import Executor, connect
+from ssa_dask.cost import PearsonCost, cost_blocks
+from ssa_dask.errors import ConvergenceWarning, OutputExistsError, SSAError, SSAInputError
+from ssa_dask.genes import GeneSelection, select_genes, top_variance_genes
+from ssa_dask.io import ExpressionMatrix, ingest, read_expression
+from ssa_dask.kernel import Kernel, build_kernel, kernel_from_array
+from ssa_dask.reference import ssa_dense
+from ssa_dask.sinkhorn import SinkhornNumericalError, SinkhornResult, sinkhorn
+from ssa_dask.standardize import MatrixSummary, summarize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConvergenceWarning",
+    "Executor",
+    "ExpressionMatrix",
+    "GeneSelection",
+    "Kernel",
+    "MatrixSummary",
+    "OutputExistsError",
+    "PearsonCost",
+    "SSAError",
+    "SSAInputError",
+    "SinkhornNumericalError",
+    "SinkhornResult",
+    "add_to_anndata",
+    "align",
+    "assignment_dataset",
+    "build_kernel",
+    "connect",
+    "cost_blocks",
+    "ingest",
+    "kernel_from_array",
+    "read_expression",
+    "select_genes",
+    "sinkhorn",
+    "ssa_dense",
+    "summarize",
+    "top_variance_genes",
+    "write_result",
+]

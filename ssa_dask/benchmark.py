@@ -1,0 +1,703 @@
+"""The paper's benchmark as one call: semi-simulation, every method on every replicate, tables and figures.
+
+:func:`run_benchmark` cuts a single-cell-resolution slide into grid spots
+(:func:`ssa_dask.simulate.bin_to_spots`), draws ``R`` replicate scRNA-seq sets
+(:func:`ssa_dask.simulate.sample_replicates`), maps each replicate with every requested method
+through :func:`ssa_dask.peers.run_method`, and scores the mappings with :mod:`ssa_dask.metrics`.
+It also sweeps SSA's ``lam`` and ``n_genes`` (calling :func:`ssa_dask.align` directly).
+:func:`write_outputs` writes the tables (CSV and Markdown), the figures and ``summary.md``.
+
+Fairness: the methods see only expression, the spot coordinates and the cells' type labels; the
+cells' coordinates and true spots are stripped before a method is called, and so are the spots'
+cell counts and dominant types.
+
+Units. Distances are reported twice: in *grid units* (between the grid indices ``(i, j)`` of the
+predicted and the true square, so that neighbouring squares are 1 apart; this is the unit of the
+paper's Tables 1-2) and in *coordinate units* (between the centroids of the predicted and the
+true spot, in the slide's units). The KL divergence compares the true spots' centroids with the
+predicted spots' centroids of each cell type, so a perfect mapping scores 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from ssa_dask.errors import SSAInputError
+from ssa_dask.metrics import (
+    mean_euclidean,
+    mean_manhattan,
+    paired_wilcoxon,
+    per_type_kl,
+    spot_accuracy,
+    topk_accuracy,
+)
+from ssa_dask.simulate import bin_to_spots, cell_coordinates, sample_replicates
+
+__all__ = [
+    "ALL_METHODS",
+    "BenchmarkConfig",
+    "BenchmarkResult",
+    "config_dict",
+    "markdown_table",
+    "per_replicate_table",
+    "run_benchmark",
+    "score_mapping",
+    "write_outputs",
+]
+
+logger = logging.getLogger(__name__)
+
+ALL_METHODS = ("ssa", "distmap", "spaotsc", "tangram", "seurat", "novosparc", "moscot", "random")
+
+_METRICS = ("euclidean_grid", "manhattan_grid", "euclidean", "manhattan", "accuracy", "topk_accuracy")
+
+
+@dataclass
+class BenchmarkConfig:
+    """Parameters of one benchmark run.
+
+    Attributes
+    ----------
+    methods
+        Method names for :func:`ssa_dask.peers.run_method`.
+    n_replicates
+        Number ``R`` of replicate scRNA-seq sets.
+    spot_size, n_spots
+        Grid side (coordinate units) or target number of spots; see
+        :func:`ssa_dask.simulate.bin_to_spots`. With neither, ``n_spots=500``.
+    fraction, n_cells
+        Cells per replicate; see :func:`ssa_dask.simulate.sample_replicates`.
+    seed
+        Base seed of the replicates; replicate ``r`` is mapped with ``seed + r``.
+    log1p
+        Apply ``log(A + 1)`` to the replicates and to the spot means (the paper's transform);
+        False for data that are already log-normalised.
+    cell_type_key, layer
+        ``obs`` column of the cell types; expression layer (None: ``X``).
+    lambdas
+        Values of SSA's ``lam`` in the sweep (empty: no sweep).
+    n_genes_sweep
+        Values of SSA's ``n_genes`` in the sweep (empty: no sweep).
+    sweep_replicates
+        Replicates used by the sweeps (the first ones).
+    method_options
+        Method name -> keyword options for :func:`ssa_dask.peers.run_method`.
+    """
+
+    methods: Sequence[str] = ALL_METHODS
+    n_replicates: int = 10
+    spot_size: float | None = None
+    n_spots: int | None = None
+    fraction: float | None = None
+    n_cells: int | None = None
+    seed: int = 0
+    log1p: bool = True
+    cell_type_key: str = "cell_type"
+    layer: str | None = None
+    lambdas: Sequence[float] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+    n_genes_sweep: Sequence[int] = (10, 25, 50, 100, 200, 5000)
+    sweep_replicates: int = 3
+    method_options: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class BenchmarkResult:
+    """Everything :func:`write_outputs` needs.
+
+    Attributes
+    ----------
+    config
+        The configuration.
+    spots
+        The spots AnnData.
+    metrics
+        Long table: one row per (replicate, method) with ``status`` (``ok`` / ``failed`` /
+        ``unavailable``), ``reason`` and the metric columns (NaN when not ok).
+    kl
+        Long table ``replicate, method, cell_type, kl``.
+    kl_skipped
+        Long table ``replicate, method, cell_type, reason`` of the types :func:`per_type_kl` skipped.
+    sweeps
+        Long table ``sweep, replicate, lam, n_genes, n_genes_used`` and metric columns.
+    example
+        Replicate 0: ``cell_type``, true ``x``/``y`` and ``<method>_x``/``<method>_y`` predicted
+        positions per successful method.
+    dataset
+        Short description of the input (name, cells, genes).
+    seconds
+        Wall time of the whole run.
+    """
+
+    config: BenchmarkConfig
+    spots: ad.AnnData
+    metrics: pd.DataFrame
+    kl: pd.DataFrame
+    kl_skipped: pd.DataFrame
+    sweeps: pd.DataFrame
+    example: pd.DataFrame
+    dataset: dict
+    seconds: float
+
+
+def _method_inputs(rep: ad.AnnData, spots: ad.AnnData, cell_type_key: str) -> tuple[ad.AnnData, ad.AnnData]:
+    """What a method may see: expression, the cells' types, the spot coordinates."""
+    sc_obs = rep.obs[["cell_type"]].copy() if "cell_type" in rep.obs else pd.DataFrame(index=rep.obs_names)
+    sc = ad.AnnData(X=rep.X, obs=sc_obs, var=rep.var[[]].copy())
+    spot_obs = spots.obs[["x", "y"]].copy()
+    visible = ad.AnnData(X=spots.X, obs=spot_obs, var=spots.var[[]].copy())
+    visible.obsm["spatial"] = spot_obs.to_numpy()
+    return sc, visible
+
+
+def score_mapping(
+    pred_spot: np.ndarray,
+    true_spot: np.ndarray,
+    spots: ad.AnnData,
+    *,
+    top_spots: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Score one mapping of cells to spots.
+
+    Parameters
+    ----------
+    pred_spot
+        ``(n,)`` predicted spot row indices, ``-1`` for unmapped cells (left out of the distances,
+        counted wrong by the accuracies).
+    true_spot
+        ``(n,)`` true spot row indices.
+    spots
+        Spots AnnData with obs ``x``, ``y``, ``grid_i``, ``grid_j``.
+    top_spots
+        ``(n, k)`` best spots per cell, if the method gives them.
+
+    Returns
+    -------
+    dict
+        ``n_mapped``, ``euclidean_grid``, ``manhattan_grid`` (grid units), ``euclidean``,
+        ``manhattan`` (coordinate units), ``accuracy``, ``topk_accuracy`` and ``k``.
+    """
+    pred_spot = np.asarray(pred_spot, dtype=np.int64)
+    true_spot = np.asarray(true_spot, dtype=np.int64)
+    if pred_spot.shape != true_spot.shape:
+        raise SSAInputError(f"the method returned {pred_spot.shape[0]} spots for {true_spot.shape[0]} cells")
+    if pred_spot.max(initial=-1) >= spots.n_obs:
+        raise SSAInputError(f"the method returned spot index {pred_spot.max()} for {spots.n_obs} spots")
+    mapped = pred_spot >= 0
+    grid = spots.obs[["grid_i", "grid_j"]].to_numpy(dtype=np.float64)
+    xy = cell_coordinates(spots)
+    out: dict[str, float] = {"n_mapped": int(mapped.sum())}
+    if mapped.any():
+        p, t = pred_spot[mapped], true_spot[mapped]
+        out["euclidean_grid"] = mean_euclidean(grid[p], grid[t])
+        out["manhattan_grid"] = mean_manhattan(grid[p], grid[t])
+        out["euclidean"] = mean_euclidean(xy[p], xy[t])
+        out["manhattan"] = mean_manhattan(xy[p], xy[t])
+    else:
+        out.update(euclidean_grid=np.nan, manhattan_grid=np.nan, euclidean=np.nan, manhattan=np.nan)
+    out["accuracy"] = spot_accuracy(pred_spot, true_spot)
+    if top_spots is not None:
+        top = np.asarray(top_spots)
+        out["topk_accuracy"] = topk_accuracy(top, true_spot)
+        out["k"] = int(top.shape[1]) if top.ndim == 2 else 1
+    else:
+        out["topk_accuracy"], out["k"] = np.nan, np.nan
+    return out
+
+
+def _positions(spot: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    pos = np.full((spot.shape[0], 2), np.nan)
+    ok = spot >= 0
+    pos[ok] = xy[spot[ok]]
+    return pos
+
+
+def _ssa_sweeps(
+    cfg: BenchmarkConfig,
+    inputs: list[tuple[ad.AnnData, ad.AnnData]],
+    true_spots: list[np.ndarray],
+    spots: ad.AnnData,
+    advance: Callable[[str], None],
+) -> pd.DataFrame:
+    import ssa_dask
+
+    rows = []
+    settings = [("lambda", {"lam": float(lam)}) for lam in cfg.lambdas]
+    settings += [("n_genes", {"n_genes": int(n)}) for n in cfg.n_genes_sweep]
+    for r, ((sc, visible), truth) in enumerate(zip(inputs, true_spots)):
+        for sweep, kwargs in settings:
+            advance(f"sweep {sweep} {kwargs} (replicate {r})")
+            row = {"sweep": sweep, "replicate": r, "lam": kwargs.get("lam", 0.05), "n_genes": kwargs.get("n_genes", 5000)}
+            start = time.perf_counter()
+            try:
+                ds = ssa_dask.align(sc, visible, **kwargs)
+            except Exception as err:  # a sweep point that fails is recorded, not fatal
+                logger.warning("SSA sweep %s %s on replicate %d failed: %s", sweep, kwargs, r, err)
+                rows.append({**row, "status": f"failed: {type(err).__name__}: {err}"})
+                continue
+            row.update(
+                status="ok",
+                seconds=time.perf_counter() - start,
+                n_genes_used=int(ds.attrs.get("n_genes_used", -1)),
+                converged=bool(ds.attrs.get("converged", True)),
+                **score_mapping(ds["spot"].to_numpy(), truth, spots),
+            )
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_benchmark(adata: ad.AnnData, cfg: BenchmarkConfig, *, progress: bool = True, name: str = "dataset") -> BenchmarkResult:
+    """Run the semi-simulation benchmark on a single-cell-resolution slide.
+
+    For every replicate ``r`` and method ``m``: ``run_method(m, sc_r, spots, seed=cfg.seed + r,
+    **cfg.method_options[m])``; a method whose optional dependency is missing
+    (:class:`~ssa_dask.peers.PeerUnavailableError`) is marked ``unavailable`` and not retried;
+    any other exception marks that (replicate, method) ``failed`` with its reason, and the run
+    goes on.
+
+    Parameters
+    ----------
+    adata
+        Slide: ``n_cells x n_genes`` with obs ``x``, ``y`` and ``cfg.cell_type_key``.
+    cfg
+        The configuration.
+    progress
+        Show a rich progress bar.
+    name
+        Name of the data set (for the summary).
+
+    Returns
+    -------
+    BenchmarkResult
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ssa_dask import peers
+
+    start_all = time.perf_counter()
+    unknown = sorted(set(cfg.methods) - set(ALL_METHODS))
+    if unknown:
+        raise SSAInputError(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
+    if cfg.cell_type_key not in adata.obs:
+        raise SSAInputError(f"obs has no cell type column {cfg.cell_type_key!r}")
+    spot_size, n_spots = cfg.spot_size, cfg.n_spots
+    if spot_size is None and n_spots is None:
+        n_spots = 500
+    spots, cell_spot = bin_to_spots(
+        adata, spot_size=spot_size, n_spots=n_spots, layer=cfg.layer, log1p=cfg.log1p, cell_type_key=cfg.cell_type_key
+    )
+    logger.info(
+        "%s: %d cells -> %d spots of side %.4g (median %.1f cells per spot)",
+        name, adata.n_obs, spots.n_obs, spots.uns["ssa_simulation"]["spot_size"], spots.obs["n_cells"].median(),
+    )
+    reps = sample_replicates(
+        adata,
+        n_replicates=cfg.n_replicates,
+        fraction=cfg.fraction,
+        n_cells=cfg.n_cells,
+        seed=cfg.seed,
+        log1p=cfg.log1p,
+        true_spot=cell_spot,
+        layer=cfg.layer,
+        cell_type_key=cfg.cell_type_key,
+    )
+    inputs = [_method_inputs(rep, spots, cfg.cell_type_key) for rep in reps]
+    true_spots = [rep.obs["true_spot"].to_numpy() for rep in reps]
+    spot_xy = cell_coordinates(spots)
+
+    n_sweep = min(cfg.sweep_replicates, len(reps)) * (len(cfg.lambdas) + len(cfg.n_genes_sweep))
+    rows, kl_rows, skipped_rows = [], [], []
+    unavailable: dict[str, str] = {}
+    example = reps[0].obs[["cell_type", "x", "y"]].copy()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not progress,
+    ) as bar:
+        task = bar.add_task("benchmark", total=len(reps) * len(cfg.methods) + n_sweep)
+
+        def advance(text: str) -> None:
+            bar.update(task, description=text)
+
+        for r, ((sc, visible), rep, truth) in enumerate(zip(inputs, reps, true_spots)):
+            for method in cfg.methods:
+                advance(f"replicate {r}: {method}")
+                row = {"replicate": r, "method": method, "n_cells": rep.n_obs}
+                if method in unavailable:
+                    rows.append({**row, "status": "unavailable", "reason": unavailable[method]})
+                    bar.advance(task)
+                    continue
+                try:
+                    res = peers.run_method(method, sc, visible, seed=cfg.seed + r, **cfg.method_options.get(method, {}))
+                    scores = score_mapping(res.spot, truth, spots, top_spots=res.top_spots)
+                except peers.PeerUnavailableError as err:
+                    unavailable[method] = str(err)
+                    logger.warning("%s is unavailable: %s", method, err)
+                    rows.append({**row, "status": "unavailable", "reason": str(err)})
+                    bar.advance(task)
+                    continue
+                except Exception as err:  # a failing method is reported in the tables, never fatal
+                    logger.error("%s failed on replicate %d: %s\n%s", method, r, err, traceback.format_exc())
+                    rows.append({**row, "status": "failed", "reason": f"{type(err).__name__}: {err}"})
+                    bar.advance(task)
+                    continue
+                peak = res.peak_memory_bytes
+                rows.append(
+                    {
+                        **row,
+                        "status": "ok" if scores["n_mapped"] > 0 else "failed",
+                        "reason": "" if scores["n_mapped"] > 0 else "no cell mapped",
+                        **scores,
+                        "seconds": float(res.seconds),
+                        "peak_memory_mib": np.nan if peak is None else peak / 2**20,
+                    }
+                )
+                logger.info(
+                    "replicate %d %s: euclidean %.3f grid units, accuracy %.3f, %.1f s",
+                    r, method, scores["euclidean_grid"], scores["accuracy"], res.seconds,
+                )
+                pred_xy = _positions(np.asarray(res.spot, dtype=np.int64), spot_xy)
+                kl = per_type_kl(rep.obs["cell_type"].to_numpy(), spot_xy[truth], pred_xy)
+                kl_rows += [{"replicate": r, "method": method, "cell_type": t, "kl": v} for t, v in kl.items()]
+                skipped_rows += [
+                    {"replicate": r, "method": method, "cell_type": t, "reason": why}
+                    for t, why in kl.attrs["skipped"].items()
+                ]
+                if r == 0:
+                    example[f"{method}_x"], example[f"{method}_y"] = pred_xy[:, 0], pred_xy[:, 1]
+                bar.advance(task)
+
+        n_sw = min(cfg.sweep_replicates, len(reps))
+
+        def sweep_step(text: str) -> None:
+            advance(text)
+            bar.advance(task)
+
+        sweeps = _ssa_sweeps(cfg, inputs[:n_sw], true_spots[:n_sw], spots, sweep_step) if n_sweep else pd.DataFrame()
+
+    metrics = pd.DataFrame(rows)
+    for col in (*_METRICS, "n_mapped", "k", "seconds", "peak_memory_mib"):
+        if col not in metrics:
+            metrics[col] = np.nan
+    return BenchmarkResult(
+        config=cfg,
+        spots=spots,
+        metrics=metrics,
+        kl=pd.DataFrame(kl_rows, columns=["replicate", "method", "cell_type", "kl"]),
+        kl_skipped=pd.DataFrame(skipped_rows, columns=["replicate", "method", "cell_type", "reason"]),
+        sweeps=sweeps,
+        example=example,
+        dataset={"name": name, "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars)},
+        seconds=time.perf_counter() - start_all,
+    )
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "—" if not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def markdown_table(
+    frame: pd.DataFrame,
+    *,
+    bold: str | None = None,
+    digits: int = 3,
+    index_name: str = "",
+    no_bold_rows: Sequence[str] = ("sd",),
+) -> str:
+    """Render a numeric table as Markdown, bolding the best value of each row.
+
+    Parameters
+    ----------
+    frame
+        Table to render (index becomes the first column); non-numeric cells are written as they are.
+    bold
+        ``"min"`` or ``"max"``: bold the best finite value of every row; None: no bold.
+    digits
+        Decimals of floats.
+    index_name
+        Header of the index column.
+    no_bold_rows
+        Index labels of rows never bolded (e.g. the standard deviation).
+
+    Returns
+    -------
+    str
+    """
+    header = [index_name or (frame.index.name or "")] + [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for idx, row in frame.iterrows():
+        numeric = pd.to_numeric(row, errors="coerce").to_numpy(dtype=float)
+        best = None
+        if bold and idx not in no_bold_rows and np.isfinite(numeric).any():
+            best = np.nanmin(numeric) if bold == "min" else np.nanmax(numeric)
+        cells = []
+        for value, num in zip(row, numeric):
+            if isinstance(value, str):
+                cells.append(value)
+                continue
+            text = _fmt(num, digits)
+            cells.append(f"**{text}**" if best is not None and np.isfinite(num) and np.isclose(num, best) else text)
+        lines.append("| " + " | ".join([str(idx)] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def per_replicate_table(metrics: pd.DataFrame, value: str, methods: Sequence[str]) -> pd.DataFrame:
+    """Wide table of ``value``: rows = replicates then ``mean`` and ``sd``, columns = methods.
+
+    Parameters
+    ----------
+    metrics
+        :attr:`BenchmarkResult.metrics`.
+    value
+        Metric column.
+    methods
+        Column order.
+
+    Returns
+    -------
+    pandas.DataFrame
+    """
+    ok = metrics[metrics["status"] == "ok"]
+    wide = ok.pivot_table(index="replicate", columns="method", values=value, aggfunc="mean")
+    wide = wide.reindex(index=sorted(metrics["replicate"].unique()), columns=list(methods))
+    wide.index = [f"replicate {r}" for r in wide.index]
+    summary = pd.DataFrame({"mean": wide.mean(), "sd": wide.std(ddof=1)}).T
+    return pd.concat([wide, summary])
+
+
+def _status_line(metrics: pd.DataFrame, methods: Sequence[str]) -> dict[str, str]:
+    status = {}
+    for m in methods:
+        sub = metrics[metrics["method"] == m]
+        n_ok = int((sub["status"] == "ok").sum())
+        if n_ok == len(sub):
+            status[m] = "ok"
+        else:
+            reasons = "; ".join(sorted(set(sub.loc[sub["status"] != "ok", "reason"].astype(str))))
+            status[m] = f"{n_ok}/{len(sub)} ok ({reasons})"
+    return status
+
+
+def write_outputs(result: BenchmarkResult, out_dir: str | Path) -> dict[str, Path]:
+    """Write the tables, figures and ``summary.md`` of a benchmark run.
+
+    Files (in ``out_dir``): ``metrics.csv`` (long); ``table_euclidean.{csv,md}`` and
+    ``table_manhattan.{csv,md}`` (per replicate, grid units, best in bold; the paper's Tables 1-2)
+    and ``table_euclidean_coord.{csv,md}`` / ``table_manhattan_coord.{csv,md}`` (coordinate
+    units); ``table_accuracy.csv``; ``runtime_memory.{csv,md}``;
+    ``wilcoxon_euclidean.{csv,md}`` and ``wilcoxon_manhattan.{csv,md}`` (paired two-sided p-values
+    across replicates, grid units); ``per_type_kl.csv`` and ``per_type_kl_skipped.csv``;
+    ``sweeps.csv``; figures ``spot_map.png``, ``pred_vs_true.png``, ``kl_boxplot.png``,
+    ``lambda_sweep.png``, ``n_genes_sweep.png``; ``summary.md``.
+
+    Parameters
+    ----------
+    result
+        From :func:`run_benchmark`.
+    out_dir
+        Output folder (created).
+
+    Returns
+    -------
+    dict
+        Name -> path of every file written.
+    """
+    from ssa_dask import plot
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, metrics = result.config, result.metrics
+    methods = list(cfg.methods)
+    status = _status_line(metrics, methods)
+    files: dict[str, Path] = {}
+
+    def write(name: str, text: str) -> None:
+        files[name] = out / name
+        files[name].write_text(text)
+
+    metrics.to_csv(out / "metrics.csv", index=False)
+    files["metrics.csv"] = out / "metrics.csv"
+    tables = {}
+    for value, stem, unit in (
+        ("euclidean_grid", "table_euclidean", "grid units"),
+        ("manhattan_grid", "table_manhattan", "grid units"),
+        ("euclidean", "table_euclidean_coord", "coordinate units"),
+        ("manhattan", "table_manhattan_coord", "coordinate units"),
+    ):
+        table = per_replicate_table(metrics, value, methods)
+        tables[value] = table
+        table.to_csv(out / f"{stem}.csv", index_label="replicate")
+        files[f"{stem}.csv"] = out / f"{stem}.csv"
+        md_table = pd.concat([table.astype(object), pd.DataFrame([status], index=["status"])])
+        title = f"Mean {value.split('_')[0].capitalize()} distance between predicted and true spots ({unit}); best in bold.\n\n"
+        write(f"{stem}.md", title + markdown_table(md_table, bold="min", digits=3 if unit == "grid units" else 2))
+    acc = per_replicate_table(metrics, "accuracy", methods)
+    acc.to_csv(out / "table_accuracy.csv", index_label="replicate")
+    files["table_accuracy.csv"] = out / "table_accuracy.csv"
+
+    ok = metrics[metrics["status"] == "ok"]
+    runtime = ok.groupby("method").agg(
+        seconds_mean=("seconds", "mean"),
+        seconds_sd=("seconds", "std"),
+        peak_memory_mib_mean=("peak_memory_mib", "mean"),
+        peak_memory_mib_max=("peak_memory_mib", "max"),
+        runs=("seconds", "size"),
+    )
+    runtime = runtime.reindex([m for m in methods if m in runtime.index])
+    runtime.to_csv(out / "runtime_memory.csv")
+    files["runtime_memory.csv"] = out / "runtime_memory.csv"
+    write(
+        "runtime_memory.md",
+        "Wall time and peak resident-memory increase of each method's own mapping code per replicate.\n\n"
+        + markdown_table(runtime, digits=2, index_name="method"),
+    )
+
+    pvalues = {}
+    for value, stem in (("euclidean_grid", "wilcoxon_euclidean"), ("manhattan_grid", "wilcoxon_manhattan")):
+        wide = ok.pivot_table(index="replicate", columns="method", values=value, aggfunc="mean")
+        wide = wide[[m for m in methods if m in wide.columns]]
+        p = paired_wilcoxon(wide)
+        pvalues[value] = p
+        p.to_csv(out / f"{stem}.csv")
+        files[f"{stem}.csv"] = out / f"{stem}.csv"
+        write(
+            f"{stem}.md",
+            f"Paired two-sided Wilcoxon signed-rank p-values of the per-replicate {value} between methods "
+            f"({len(wide)} replicates).\n\n" + markdown_table(p, digits=4, index_name="method"),
+        )
+
+    result.kl.to_csv(out / "per_type_kl.csv", index=False)
+    result.kl_skipped.to_csv(out / "per_type_kl_skipped.csv", index=False)
+    files["per_type_kl.csv"] = out / "per_type_kl.csv"
+    files["per_type_kl_skipped.csv"] = out / "per_type_kl_skipped.csv"
+    if not result.sweeps.empty:
+        result.sweeps.to_csv(out / "sweeps.csv", index=False)
+        files["sweeps.csv"] = out / "sweeps.csv"
+
+    sim = result.spots.uns["ssa_simulation"]
+    plot.plot_spot_map(result.spots.obs, sim["spot_size"], sim["origin"], out / "spot_map.png",
+                       title=f"{result.dataset['name']}: {result.spots.n_obs} spots, side {sim['spot_size']:.4g}")
+    files["spot_map.png"] = out / "spot_map.png"
+    ex = result.example
+    preds = {m: ex[[f"{m}_x", f"{m}_y"]].to_numpy() for m in methods if f"{m}_x" in ex}
+    if preds:
+        plot.plot_pred_vs_true(ex[["x", "y"]].to_numpy(), preds, ex["cell_type"].astype(str).to_numpy(),
+                               out / "pred_vs_true.png", jitter=0.8 * sim["spot_size"],
+                               title=f"{result.dataset['name']}, replicate 0: true vs predicted positions")
+        files["pred_vs_true.png"] = out / "pred_vs_true.png"
+    kl_mean = result.kl.groupby(["method", "cell_type"], as_index=False)["kl"].mean()
+    if not kl_mean.empty:
+        plot.plot_kl_boxplot(kl_mean, out / "kl_boxplot.png",
+                             title=f"{result.dataset['name']}: per-cell-type KL (mean over replicates)")
+        files["kl_boxplot.png"] = out / "kl_boxplot.png"
+    sw = result.sweeps
+    if not sw.empty and "euclidean_grid" in sw:
+        lam = sw[(sw["sweep"] == "lambda") & (sw["status"] == "ok")]
+        if not lam.empty:
+            plot.plot_lambda_sweep(lam, out / "lambda_sweep.png")
+            files["lambda_sweep.png"] = out / "lambda_sweep.png"
+        genes = sw[(sw["sweep"] == "n_genes") & (sw["status"] == "ok")]
+        if not genes.empty:
+            plot.plot_ngenes_sweep(genes, out / "n_genes_sweep.png")
+            files["n_genes_sweep.png"] = out / "n_genes_sweep.png"
+
+    write("summary.md", _summary(result, tables, pvalues, runtime, kl_mean, status, files))
+    return files
+
+
+def _summary(result, tables, pvalues, runtime, kl_mean, status, files) -> str:
+    cfg, spots = result.config, result.spots
+    sim = spots.uns["ssa_simulation"]
+    methods = list(cfg.methods)
+    n_per = spots.obs["n_cells"]
+    lines = [
+        f"# Semi-simulation benchmark: {result.dataset['name']}",
+        "",
+        f"- Slide: {result.dataset['n_cells']:,} cells x {result.dataset['n_genes']:,} genes.",
+        f"- Grid: side {sim['spot_size']:.6g} coordinate units -> {spots.n_obs} non-empty spots, "
+        f"{n_per.median():.0f} cells per spot (median; mean {n_per.mean():.1f}, range {n_per.min()}-{n_per.max()}).",
+        f"- Replicates: {cfg.n_replicates} x {int(result.metrics['n_cells'].iloc[0]):,} cells "
+        f"(seed {cfg.seed}); log(A+1) {'applied to replicates and spot means' if cfg.log1p else 'not applied (input already log-normalised)'}.",
+        f"- Methods: {', '.join(methods)}. Run time {result.seconds / 60:.1f} min.",
+        "",
+        "Distances: *grid units* are distances between the grid indices (i, j) of the predicted and the true "
+        "square (adjacent squares are 1 apart; the unit of the paper's Tables 1-2); *coordinate units* are "
+        "distances between the centroids of the predicted and true spots in the slide's own units.",
+        "",
+        "## Mean over replicates (± sd)",
+        "",
+    ]
+    head = pd.DataFrame(index=methods)
+    for value, label in (
+        ("euclidean_grid", "Euclidean (grid)"),
+        ("manhattan_grid", "Manhattan (grid)"),
+        ("euclidean", "Euclidean (coord)"),
+        ("manhattan", "Manhattan (coord)"),
+    ):
+        t = tables[value]
+        head[label] = [
+            "—" if not np.isfinite(t.loc["mean", m]) else f"{t.loc['mean', m]:.3f} ± {_fmt(t.loc['sd', m])}" for m in methods
+        ]
+    acc = result.metrics[result.metrics["status"] == "ok"].groupby("method")["accuracy"].mean()
+    head["exact-spot accuracy"] = [_fmt(acc.get(m, np.nan)) for m in methods]
+    med_kl = kl_mean.groupby("method")["kl"].median() if not kl_mean.empty else pd.Series(dtype=float)
+    head["median per-type KL"] = [_fmt(med_kl.get(m, np.nan)) for m in methods]
+    head["seconds"] = [_fmt(runtime["seconds_mean"].get(m, np.nan), 2) if m in runtime.index else "—" for m in methods]
+    head["status"] = [status[m] for m in methods]
+    lines.append(markdown_table(head, index_name="method"))
+    means = tables["euclidean_grid"].loc["mean"].dropna()
+    if not means.empty:
+        best = means.idxmin()
+        lines.append(f"Lowest mean Euclidean distance: **{best}** ({means[best]:.3f} grid units).")
+        lines.append("")
+    if "ssa" in means.index:
+        p = pvalues["euclidean_grid"]
+        lines += ["## SSA against each method (Euclidean, grid units; paired Wilcoxon across replicates)", ""]
+        for m in means.index:
+            if m == "ssa":
+                continue
+            diff = means[m] - means["ssa"]
+            pv = p.loc["ssa", m] if "ssa" in p.index and m in p.columns else np.nan
+            verdict = "SSA closer" if diff > 0 else ("peer closer" if diff < 0 else "equal")
+            lines.append(f"- {m}: {means[m]:.3f} vs SSA {means['ssa']:.3f} ({verdict}; p = {_fmt(pv, 4)})")
+        lines.append("")
+    sw = result.sweeps
+    if not sw.empty and "euclidean_grid" in sw:
+        lines += ["## SSA sweeps (mean Euclidean, grid units, first replicates)", ""]
+        for sweep, col in (("lambda", "lam"), ("n_genes", "n_genes_used")):
+            sub = sw[(sw["sweep"] == sweep) & (sw["status"] == "ok")]
+            if sub.empty:
+                continue
+            agg = sub.groupby(col)["euclidean_grid"].mean()
+            lines.append(f"- {sweep}: " + ", ".join(f"{k:g} -> {v:.3f}" for k, v in agg.items()))
+        failed = sw[sw["status"] != "ok"]
+        if not failed.empty:
+            lines.append(f"- {len(failed)} sweep runs failed: {sorted(set(failed['status']))}")
+        lines.append("")
+    skipped = result.kl_skipped
+    if not skipped.empty:
+        lines.append(
+            f"Per-type KL skipped {skipped['cell_type'].nunique()} cell types in some runs (fewer than 3 mapped cells or "
+            "a degenerate predicted point set); see per_type_kl_skipped.csv."
+        )
+        lines.append("")
+    lines += ["## Files", ""] + [f"- [{name}]({name})" for name in sorted(files) if name != "summary.md"]
+    return "\n".join(lines) + "\n"
+
+
+def config_dict(cfg: BenchmarkConfig) -> dict:
+    """The configuration as a JSON-serialisable dict."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
