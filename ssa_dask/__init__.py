@@ -9,7 +9,7 @@ The pipeline, one module a step::
 """
 
 from ssa_dask.align import align
-from ssa_dask.assign import add_to_anndata, assignment_dataset, write_result
+from ssa_dask.assign import add_to_anndata, assignment_dataset, read_result, write_result
 from ssa_dask.cluster import Executor, connect
 from ssa_dask.cost import PearsonCost, cost_blocks
 from ssa_dask.errors import ConvergenceWarning, OutputExistsError, SSAError, SSAInputError
@@ -44,6 +44,7 @@ __all__ = [
     "ingest",
     "kernel_from_array",
     "read_expression",
+    "read_result",
     "select_genes",
     "sinkhorn",
     "ssa_dense",

@@ -22,7 +22,7 @@ import numpy as np
 _FLUSH_ROWS = 64
 
 
-@numba.njit(nogil=True, fastmath=True, cache=True)
+@numba.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
 def kernel_sweep(K: np.ndarray, p: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
     """Add ``b * (K^T (p / (K b)))`` of one block to ``out`` (kernel domain).
 
@@ -59,7 +59,7 @@ def kernel_sweep(K: np.ndarray, p: np.ndarray, b: np.ndarray, out: np.ndarray) -
         out[j] += acc[j] * b[j]
 
 
-@numba.njit(nogil=True, fastmath=True, cache=True)
+@numba.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
 def log_sweep(D: np.ndarray, p: np.ndarray, g: np.ndarray, eps: float, out: np.ndarray) -> None:
     """Add the plan's column marginal of one block to ``out`` (log domain, stabilised).
 

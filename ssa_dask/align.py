@@ -171,7 +171,7 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
         p = kernel.row_vector(_masses(cell_summary.row_totals, marginals), executor)
         q = _masses(spot_summary.row_totals, marginals)
         result = sinkhorn(kernel, p, q, tol=tol, max_iter=max_iter, init_g=init_g, executor=executor, progress=progress)
-        top_spot, top_probability, f = kernel.top_k(p, result.g, top_k, executor, label="assign")
+        top_spot, top_probability, f = kernel.top_k(p, result.g, top_k, executor)
     finally:
         kernel.close()
     attrs = {
@@ -194,7 +194,7 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
         "column_potential": result.g.tolist(),
     }
     ds = assignment_dataset(top_spot, top_probability, cells.names, spot_matrix.names, spot_matrix.coords, f=f, attrs=attrs)
-    return ds.assign_coords(gene=np.asarray(genes, dtype=str))
+    return ds.assign_coords(gene=np.asarray(genes, dtype=object))
 
 
 def default_block_rows(n_cells: int, n_spots: int, n_genes: int, n_threads: int) -> int:

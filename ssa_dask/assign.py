@@ -49,7 +49,7 @@ def assignment_dataset(
     best = top_spot[:, 0]
     data: dict[str, Any] = {
         "spot": ("cell", best.astype(np.int64)),
-        "spot_name": ("cell", np.asarray(spot_names, dtype=object)[best].astype(str)),
+        "spot_name": ("cell", np.asarray(spot_names, dtype=object)[best]),
         "probability": ("cell", top_probability[:, 0]),
         "top_spot": (("cell", "rank"), top_spot.astype(np.int64)),
         "top_probability": (("cell", "rank"), top_probability),
@@ -59,7 +59,7 @@ def assignment_dataset(
         data["spot_y"] = ("cell", spot_coords[best, 1])
     if f is not None:
         data["potential"] = ("cell", f)
-    ds = xr.Dataset(data, coords={"cell": np.asarray(cell_names, dtype=str), "rank": np.arange(top_spot.shape[1])})
+    ds = xr.Dataset(data, coords={"cell": np.asarray(cell_names, dtype=object), "rank": np.arange(top_spot.shape[1])})
     ds["probability"].attrs["description"] = "row-normalised transport plan at the assigned spot"
     ds["spot"].attrs["description"] = "index of the assigned spot (row of the spot matrix)"
     ds.attrs.update(attrs or {})
@@ -105,4 +105,9 @@ def write_result(result: xr.Dataset, path: str, *, overwrite: bool = False) -> N
     """Write the result Dataset to a Zarr store atomically (aside, then renamed into place)."""
     from ssa_dask.io import write_atomically
 
-    write_atomically(path, lambda tmp: result.to_zarr(str(tmp), mode="w", consolidated=True), overwrite=overwrite)
+    write_atomically(path, lambda tmp: result.to_zarr(str(tmp), mode="w", consolidated=False), overwrite=overwrite)
+
+
+def read_result(path: str) -> xr.Dataset:
+    """Open a result written by :func:`write_result` (or ``ssa-dask align``) lazily."""
+    return xr.open_zarr(str(path), consolidated=False)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask
@@ -38,6 +39,45 @@ class Executor:
     def __init__(self, client: Any = None, *, progress: bool = False) -> None:
         self.client = client
         self.progress = progress
+        self._pool: ThreadPoolExecutor | None = None
+
+    def map(self, func: Callable[..., Any], *iterables: Sequence[Any], **kwargs: Any) -> list[Any]:
+        """Apply ``func`` to each set of block handles in parallel; return results in order.
+
+        Handles are NumPy arrays or small descriptors (local threads) or ``distributed`` futures,
+        which each task receives resolved.  One task per block, no graph building: the per-call
+        overhead is about a millisecond per task on a cluster and microseconds locally.
+        """
+        if self.client is not None:
+            futures = self.client.map(func, *iterables, pure=False, **kwargs)
+            return self.client.gather(futures)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.n_threads())
+        return list(self._pool.map(lambda args: func(*args, **kwargs), zip(*iterables)))
+
+    def submit_map(self, func: Callable[..., Any], *iterables: Sequence[Any], **kwargs: Any) -> list[Any]:
+        """Like :meth:`map` but keeps the results where they are: futures on a cluster (held in
+        worker memory, recomputable from lineage), values locally."""
+        if self.client is not None:
+            return self.client.map(func, *iterables, pure=False, **kwargs)
+        return self.map(func, *iterables, **kwargs)
+
+    def materialize_blocks(self, array: Any, label: str | None = None) -> list[Any]:
+        """The row blocks of a Dask array, computed and held: NumPy arrays locally, futures on a
+        cluster (computed from the graph, so a lost block is recomputed from lineage)."""
+        delayed_blocks = list(array.to_delayed().ravel())
+        if self.client is None:
+            return list(self.compute(*delayed_blocks, label=label))
+        futures = self.client.compute(delayed_blocks)
+        if self.progress and label is not None:
+            _track_futures(futures, label)
+        return futures
+
+    def close(self) -> None:
+        """Stop the local thread pool."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     @property
     def distributed(self) -> bool:
@@ -154,7 +194,11 @@ def connect(
     """
     options = dict(cluster_options or {})
     if scheduler is None or scheduler == "threads":
-        yield Executor(None, progress=progress)
+        executor = Executor(None, progress=progress)
+        try:
+            yield executor
+        finally:
+            executor.close()
         return
     from distributed import Client
 
@@ -173,7 +217,7 @@ def connect(
                     n_workers=n_workers or cores,
                     threads_per_worker=threads_per_worker or 1,
                     memory_limit=memory_limit if memory_limit is not None else "auto",
-                    dashboard_address=options.pop("dashboard_address", None),
+                    dashboard_address=options.pop("dashboard_address", ":0"),
                     **options,
                 )
             )

@@ -1,5 +1,6 @@
-"""Command-line interface: ``ssa-dask``."""
+"""Command-line interface: ``ssa-dask`` (align, ingest, demo, simulate, benchmark, synth)."""
 
+from ssa_dask.cli import core, evaluate, scale  # noqa: F401  (register their commands)
 from ssa_dask.cli._app import app
 
 
