@@ -93,7 +93,8 @@ def align(
         Keep kernel blocks in worker memory, or in a Zarr store streamed every iteration;
         ``"auto"`` picks memory while the kernel takes at most half of ``memory_budget``.
     kernel_path : str, optional
-        Zarr store for the kernel blocks (default: a temporary directory, removed afterwards).
+        Directory for the temporary Zarr store of the kernel blocks (default: the system's temporary
+        directory); the store is removed when the run ends.  Use fast local or shared scratch.
     memory_budget : int, optional
         Bytes the workers may use (default: the cluster's memory, or this machine's available memory).
     init_g : (n_spots,) array, optional

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 #: Default number of rows per chunk when the input does not bring its own chunking.
 DEFAULT_CHUNK_ROWS = 8192
+#: Attribute of a sparse ``X`` group recording the rows per chunk that :func:`ingest` wrote.
+CHUNK_ROWS_ATTR = "ssa_dask_chunk_rows"
 
 
 @dataclass(frozen=True)
@@ -286,10 +288,12 @@ def _elem_shape(elem: Any) -> tuple[int, int]:
 
 
 def _stored_chunk_rows(elem: Any) -> int | None:
+    """Rows per stored chunk: of a dense array, or of a CSR group written by :func:`ingest`."""
     chunks = getattr(elem, "chunks", None)
     if chunks and len(chunks) == 2:
         return int(chunks[0])
-    return None
+    rows = elem.attrs.get(CHUNK_ROWS_ATTR) if hasattr(elem, "attrs") else None
+    return int(rows) if rows else None
 
 
 def _from_plain_zarr_array(array: Any, path: Path, *, chunk_rows, role, parent: Any = None) -> ExpressionMatrix:
@@ -349,6 +353,7 @@ def ingest(
         X = matrix.X.rechunk((chunk_rows, matrix.shape[1]))
         if matrix.is_sparse:
             aio.write_elem(group, "X", X)
+            group["X"].attrs[CHUNK_ROWS_ATTR] = chunk_rows
         else:
             X.to_zarr(str(tmp / "X"), overwrite=True)
             group["X"].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})

@@ -76,9 +76,7 @@ class Kernel:
     storage : {"memory", "zarr"}
         Where the blocks live.
     path : pathlib.Path or None
-        The Zarr store when ``storage == "zarr"``.
-    temporary : bool
-        Whether :meth:`close` removes ``path``.
+        The directory of the Zarr store when ``storage == "zarr"`` (removed by :meth:`close`).
     """
 
     blocks: list[Any]
@@ -89,7 +87,6 @@ class Kernel:
     max_cost: float
     storage: Storage = "memory"
     path: Path | None = None
-    temporary: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -178,9 +175,9 @@ class Kernel:
         raise ValueError("axis must be 0 or 1")
 
     def close(self) -> None:
-        """Release the blocks; remove a temporary Zarr store."""
+        """Release the blocks; remove the Zarr store of the blocks."""
         self.blocks = []
-        if self.temporary and self.path is not None:
+        if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
@@ -330,8 +327,9 @@ def build_kernel(
     storage : {"memory", "zarr"}
         Hold blocks in worker memory, or write them to a Zarr store streamed each iteration.
     path : path, optional
-        Zarr store for ``storage="zarr"`` (default: a temporary directory, removed by
-        :meth:`Kernel.close`).  On a multi-machine cluster it must be on storage every worker reads.
+        Directory in which the Zarr store of ``storage="zarr"`` is created (default: the system's
+        temporary directory); :meth:`Kernel.close` removes the store.  On a multi-machine cluster it
+        must be on storage every worker reads.
 
     Returns
     -------
@@ -358,9 +356,10 @@ def build_kernel(
         raise SSAInputError(f"kernel storage must be 'memory' or 'zarr', got {storage!r}")
     import zarr
 
-    temporary = path is None
-    root = Path(tempfile.mkdtemp(prefix="ssa-kernel-")) if temporary else Path(path)
-    store = root / "kernel.zarr" if temporary else root
+    if path is not None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="ssa-kernel-", dir=path))
+    store = root / "kernel.zarr"
     zarr.create_array(str(store), shape=cost.shape, chunks=(int(cost.chunks[0][0]), n_spots), dtype="float32",
                       compressors=None, overwrite=True)
     try:
@@ -378,7 +377,7 @@ def build_kernel(
         raise
     log.info("kernel blocks in Zarr at %s (%.2f GB)", store, cost.size * 4 / 1e9)
     return Kernel(blocks=blocks, bounds=bounds, n_spots=n_spots, eps=eps_value, log_domain=use_log, max_cost=max_cost,
-                  storage="zarr", path=root, temporary=temporary)
+                  storage="zarr", path=root)
 
 
 def kernel_from_array(

@@ -10,12 +10,17 @@ import pytest
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def shared_dataset(name: str) -> Path:
-    """Path of a shared real dataset; skips the test when it is absent."""
+def _shared_dataset(name: str) -> Path:
     path = DATA / name / f"{name}.h5ad"
     if not path.exists():
         pytest.skip(f"shared dataset {name} not found at ../shared/data (see ../shared/README.md)")
     return path
+
+
+@pytest.fixture
+def shared_dataset():
+    """``shared_dataset(name)``: path of a shared real dataset; skips the test when it is absent."""
+    return _shared_dataset
 
 
 @pytest.fixture

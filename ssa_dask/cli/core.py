@@ -84,7 +84,7 @@ def align_command(
     marginals: str = typer.Option("total", help="'total' (per-row totals, the method) or 'uniform'."),
     log_domain: Domain = typer.Option(Domain.auto, help="Sinkhorn domain."),
     kernel_storage: Storage = typer.Option(Storage.auto, help="Kernel blocks in worker memory or streamed from Zarr."),
-    kernel_path: Path | None = typer.Option(None, help="Zarr store for kernel blocks (default: temporary)."),
+    kernel_path: Path | None = typer.Option(None, help="Directory for the temporary Zarr store of kernel blocks (removed after the run)."),
     block_rows: int | None = typer.Option(None, help="Cells per block (default: ~128 MiB blocks)."),
     log1p: bool = typer.Option(False, "--log1p", help="Apply log(1+x) to both matrices first."),
     sc_layer: str | None = typer.Option(None, help="AnnData layer of the scRNA matrix."),
