@@ -17,12 +17,13 @@ from ssa_dask.genes import GeneSelection, select_genes, top_variance_genes
 from ssa_dask.io import ExpressionMatrix, ingest, read_expression
 from ssa_dask.kernel import Kernel, build_kernel, kernel_from_array
 from ssa_dask.reference import ssa_dense
-from ssa_dask.sinkhorn import SinkhornNumericalError, SinkhornResult, sinkhorn
+from ssa_dask.sinkhorn import Checkpoint, SinkhornNumericalError, SinkhornResult, sinkhorn
 from ssa_dask.standardize import MatrixSummary, summarize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpoint",
     "ConvergenceWarning",
     "Executor",
     "ExpressionMatrix",

@@ -17,7 +17,7 @@ from ssa_dask.errors import SSAInputError
 from ssa_dask.genes import select_genes
 from ssa_dask.io import ExpressionMatrix, read_expression
 from ssa_dask.kernel import build_kernel
-from ssa_dask.sinkhorn import DEFAULT_MAX_ITER, DEFAULT_TOL, sinkhorn
+from ssa_dask.sinkhorn import DEFAULT_MAX_ITER, DEFAULT_TOL, Checkpoint, sinkhorn
 from ssa_dask.standardize import MatrixSummary, summarize
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ def align(
     kernel_path: str | None = None,
     memory_budget: int | None = None,
     init_g: np.ndarray | None = None,
+    checkpoint: str | None = None,
     client: Any = None,
     sc_layer: str | None = None,
     spots_layer: str | None = None,
@@ -98,7 +99,10 @@ def align(
     memory_budget : int, optional
         Bytes the workers may use (default: the cluster's memory, or this machine's available memory).
     init_g : (n_spots,) array, optional
-        Warm-start column potential (e.g. ``result.attrs``-recorded potential of an earlier run).
+        Warm-start column potential (e.g. ``result.attrs["column_potential"]`` of an earlier run).
+    checkpoint : str, optional
+        ``.npz`` file where the Sinkhorn state is saved every 10 iterations; when it exists the run
+        resumes from it.  Removed after a successful run.
     client
         ``None``: local threads; ``"local"``: an embedded LocalCluster; an address; a
         ``distributed.Client``; ``"slurm"`` / ``"kubernetes"`` (see :func:`ssa_dask.cluster.connect`).
@@ -135,12 +139,12 @@ def align(
         return _align(cells, spot_matrix, executor, n_genes=n_genes, lam=lam, eps=eps, marginals=marginals, tol=tol,
                       max_iter=max_iter, log_domain=log_domain, top_k=top_k, block_rows=block_rows,
                       kernel_storage=kernel_storage, kernel_path=kernel_path, memory_budget=memory_budget,
-                      init_g=init_g, progress=progress)
+                      init_g=init_g, checkpoint=checkpoint, progress=progress)
 
 
 def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Executor, *, n_genes, lam, eps, marginals,
            tol, max_iter, log_domain, top_k, block_rows, kernel_storage, kernel_path, memory_budget, init_g,
-           progress) -> xr.Dataset:
+           checkpoint, progress) -> xr.Dataset:
     n_cells, n_spots = cells.shape[0], spot_matrix.shape[0]
     log.info("scRNA: %d cells x %d genes; spots: %d x %d genes", *cells.shape, *spot_matrix.shape)
     if top_k > n_spots:
@@ -171,7 +175,14 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
     try:
         p = kernel.row_vector(_masses(cell_summary.row_totals, marginals), executor)
         q = _masses(spot_summary.row_totals, marginals)
-        result = sinkhorn(kernel, p, q, tol=tol, max_iter=max_iter, init_g=init_g, executor=executor, progress=progress)
+        saver = Checkpoint(checkpoint) if checkpoint else None
+        if saver is not None:
+            resumed = saver.load(n_spots, kernel.eps)
+            init_g = resumed if resumed is not None else init_g
+        result = sinkhorn(kernel, p, q, tol=tol, max_iter=max_iter, init_g=init_g, executor=executor, progress=progress,
+                          callback=saver)
+        if saver is not None and result.converged:
+            saver.path.unlink(missing_ok=True)
         top_spot, top_probability, f = kernel.top_k(p, result.g, top_k, executor)
     finally:
         kernel.close()

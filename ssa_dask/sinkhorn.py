@@ -15,16 +15,18 @@ kernel domain and in the stabilised log domain: only the kernel's sweep differs.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
 
 from ssa_dask.cluster import Executor
-from ssa_dask.errors import ConvergenceWarning, SSAError
+from ssa_dask.errors import ConvergenceWarning, SSAError, SSAInputError
 from ssa_dask.kernel import Kernel
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,7 @@ def sinkhorn(
     init_g: np.ndarray | None = None,
     executor: Executor | None = None,
     progress: bool = False,
-    callback: Callable[[int, np.ndarray, float], None] | None = None,
+    callback: Callable[[int, np.ndarray, float, float], None] | None = None,
 ) -> SinkhornResult:
     """Run Sinkhorn iterations on a kernel until the marginals match.
 
@@ -109,7 +111,7 @@ def sinkhorn(
     progress : bool
         Show a progress bar with the marginal error.
     callback : callable, optional
-        Called as ``callback(iteration, g, error)`` after every iteration (checkpointing).
+        Called as ``callback(iteration, g, error, eps)`` after every iteration (e.g. a :class:`Checkpoint`).
 
     Returns
     -------
@@ -138,7 +140,7 @@ def sinkhorn(
             errors.append(error)
             g = g + kernel.eps * (np.log(q) - np.log(column))
             if callback is not None:
-                callback(iteration, g, error)
+                callback(iteration, g, error, kernel.eps)
             if bar is not None:
                 bar[0].update(bar[1], advance=1, description=f"Sinkhorn  err {error:.2e}")
             if error < tol:
@@ -157,6 +159,55 @@ def sinkhorn(
         )
     return SinkhornResult(g=g, n_iter=len(errors), errors=np.asarray(errors), converged=converged, eps=kernel.eps,
                           log_domain=kernel.log_domain, seconds=seconds)
+
+
+class Checkpoint:
+    """Save the column potential every ``every`` iterations, atomically, and resume from it.
+
+    Use as the ``callback`` of :func:`sinkhorn` and pass :meth:`load` as ``init_g``; a run cut off
+    (walltime, lost cluster) then resumes where the last checkpoint left it.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.npz`` file holding ``g``, the iteration, ``eps`` and the number of spots.
+    every : int
+        Iterations between saves.
+    """
+
+    def __init__(self, path: str | Path, every: int = 10) -> None:
+        self.path = Path(path)
+        self.every = every
+
+    def load(self, n_spots: int, eps: float) -> np.ndarray | None:
+        """The saved potential, or None when there is no checkpoint yet.
+
+        Raises
+        ------
+        SSAInputError
+            The checkpoint belongs to a problem of another size or eps.
+        """
+        if not self.path.exists():
+            return None
+        with np.load(self.path) as saved:
+            g, saved_eps, iteration = saved["g"], float(saved["eps"]), int(saved["iteration"])
+        if g.shape != (n_spots,) or not np.isclose(saved_eps, eps, rtol=1e-6):
+            raise SSAInputError(
+                f"checkpoint {self.path} is for {g.shape[0]} spots and eps={saved_eps:.6g}, this run has {n_spots} "
+                f"spots and eps={eps:.6g}; remove it to start afresh"
+            )
+        log.info("resuming Sinkhorn from %s (iteration %d)", self.path, iteration)
+        return g
+
+    def __call__(self, iteration: int, g: np.ndarray, error: float, eps: float) -> None:
+        if iteration % self.every == 0:
+            self.save(iteration, g, eps)
+
+    def save(self, iteration: int, g: np.ndarray, eps: float) -> None:
+        """Write the checkpoint beside its path, then rename it into place."""
+        tmp = self.path.with_name(self.path.name + ".partial.npz")
+        np.savez(tmp, g=g, eps=eps, iteration=iteration)
+        os.replace(tmp, self.path)
 
 
 def _progress_bar(enabled: bool, total: int):

@@ -111,3 +111,19 @@ def test_kernel_domain_overflow_is_reported_not_silent(kernel_problem):
         kernel = kernel_from_array(np.exp(-cost / eps), eps=eps, max_cost=float(cost.max()))
         with pytest.raises(SinkhornNumericalError, match="log_domain=True"):
             sinkhorn(kernel, p, q, tol=1e-9, max_iter=50)
+
+
+def test_checkpoint_resumes_where_it_stopped(kernel_problem, tmp_path):
+    from ssa_dask import Checkpoint, SSAInputError
+
+    cost, p, q, eps = kernel_problem
+    kernel = kernel_from_array(np.exp(-cost / eps), eps=eps, block_rows=100)
+    full = sinkhorn(kernel, p, q, tol=1e-7)
+    saver = Checkpoint(tmp_path / "state.npz", every=4)
+    with pytest.warns(ConvergenceWarning):
+        sinkhorn(kernel, p, q, tol=1e-7, max_iter=8, callback=saver)  # "cut off" after 8 iterations
+    resumed = sinkhorn(kernel, p, q, tol=1e-7, init_g=saver.load(kernel.shape[1], eps))
+    assert resumed.n_iter == full.n_iter - 8
+    np.testing.assert_allclose(resumed.g - resumed.g[0], full.g - full.g[0], atol=1e-9)
+    with pytest.raises(SSAInputError, match="remove it"):
+        saver.load(kernel.shape[1], 2 * eps)

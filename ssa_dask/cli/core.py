@@ -86,6 +86,7 @@ def align_command(
     kernel_storage: Storage = typer.Option(Storage.auto, help="Kernel blocks in worker memory or streamed from Zarr."),
     kernel_path: Path | None = typer.Option(None, help="Directory for the temporary Zarr store of kernel blocks (removed after the run)."),
     block_rows: int | None = typer.Option(None, help="Cells per block (default: ~128 MiB blocks)."),
+    checkpoint: Path | None = typer.Option(None, help="Save Sinkhorn state here every 10 iterations; resume from it if present."),
     log1p: bool = typer.Option(False, "--log1p", help="Apply log(1+x) to both matrices first."),
     sc_layer: str | None = typer.Option(None, help="AnnData layer of the scRNA matrix."),
     spots_layer: str | None = typer.Option(None, help="AnnData layer of the spot matrix."),
@@ -116,6 +117,7 @@ def align_command(
                 log_domain=domain, top_k=top_k, block_rows=block_rows, kernel_storage=kernel_storage.value,
                 kernel_path=str(kernel_path) if kernel_path else None, client=executor.client, sc_layer=sc_layer,
                 spots_layer=spots_layer, gene_key=gene_key, log1p=log1p, progress=True,
+                checkpoint=str(checkpoint) if checkpoint else None,
             )
         write_result(result, str(out), overwrite=overwrite)
         if obs_out is not None:
