@@ -57,9 +57,13 @@ class Executor:
 
     def submit_map(self, func: Callable[..., Any], *iterables: Sequence[Any], **kwargs: Any) -> list[Any]:
         """Like :meth:`map` but keeps the results where they are: futures on a cluster (held in
-        worker memory, recomputable from lineage), values locally."""
+        worker memory, recomputable from lineage; returned once computed), values locally."""
         if self.client is not None:
-            return self.client.map(func, *iterables, pure=False, **kwargs)
+            from distributed import wait
+
+            futures = self.client.map(func, *iterables, pure=False, **kwargs)
+            wait(futures)
+            return futures
         return self.map(func, *iterables, **kwargs)
 
     def materialize_blocks(self, array: Any, label: str | None = None) -> list[Any]:
@@ -71,6 +75,9 @@ class Executor:
         futures = self.client.compute(delayed_blocks)
         if self.progress and label is not None:
             _track_futures(futures, label)
+        from distributed import wait
+
+        wait(futures)
         return futures
 
     def close(self) -> None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,6 +89,7 @@ class Kernel:
     max_cost: float
     storage: Storage = "memory"
     path: Path | None = None
+    _groups: list[list[int]] | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -131,9 +134,8 @@ class Kernel:
         -------
         (n_spots,) float64 array
         """
-        parts = executor.map(_column_marginal_block, self.blocks, self.row_vector(p, executor),
-                             g=np.asarray(g, np.float64), eps=self.eps, log_domain=self.log_domain)
-        return np.sum(parts, axis=0)
+        return self.map_blocks(_column_marginal_block, executor, self.row_vector(p, executor), reduce_sum=True,
+                               g=np.asarray(g, np.float64), eps=self.eps, log_domain=self.log_domain)
 
     def top_k(self, p: Any, g: np.ndarray, k: int, executor: Executor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ``k`` largest entries of each row of the plan, their row-normalised weight, and ``f``.
@@ -157,8 +159,8 @@ class Kernel:
         f : (n_cells,) float64 array
             Row potential, ``a = exp(f / eps)``.
         """
-        parts = executor.map(_top_k_block, self.blocks, self.row_vector(p, executor), g=np.asarray(g, np.float64),
-                             eps=self.eps, log_domain=self.log_domain, k=k)
+        parts = self.map_blocks(_top_k_block, executor, self.row_vector(p, executor), g=np.asarray(g, np.float64),
+                                eps=self.eps, log_domain=self.log_domain, k=k)
         values = np.concatenate(parts, axis=0)
         return values[:, :k].astype(np.int64), values[:, k : 2 * k], values[:, -1]
 
@@ -166,19 +168,76 @@ class Kernel:
         """Kernel-vector product: ``K v`` (``axis=1``, v over spots) or ``K^T v`` (``axis=0``, v over cells)."""
         v = np.asarray(v, dtype=np.float64)
         if axis == 1:
-            parts = executor.map(_apply_rows, self.blocks, v=v, eps=self.eps, log_domain=self.log_domain)
-            return np.concatenate(parts)
+            return np.concatenate(self.map_blocks(_apply_rows, executor, v=v, eps=self.eps, log_domain=self.log_domain))
         if axis == 0:
-            parts = executor.map(_apply_columns, self.blocks, self.row_vector(v, executor), eps=self.eps,
-                                 log_domain=self.log_domain)
-            return np.sum(parts, axis=0)
+            return self.map_blocks(_apply_columns, executor, self.row_vector(v, executor), reduce_sum=True, eps=self.eps,
+                                   log_domain=self.log_domain)
         raise ValueError("axis must be 0 or 1")
+
+    def map_blocks(self, func: Callable[..., Any], executor: Executor, *per_block: list[Any], reduce_sum: bool = False,
+                   **kwargs: Any) -> Any:
+        """Apply ``func(block, *per_block_args, **kwargs)`` to every block, with few, large tasks.
+
+        Blocks are grouped into one task per worker thread: on a cluster each task takes blocks held
+        by the worker it runs on (no block moves), so an iteration costs a handful of tasks however
+        many blocks there are.
+
+        Returns
+        -------
+        list or numpy.ndarray
+            The per-block results in block order, or their sum when ``reduce_sum``.
+        """
+        groups = self._task_groups(executor)
+        outputs = executor.map(
+            partial(_run_group, func, reduce_sum),
+            [[self.blocks[i] for i in group] for group in groups],
+            *[[[values[i] for i in group] for group in groups] for values in per_block],
+            **kwargs,
+        )
+        if reduce_sum:
+            return np.sum(outputs, axis=0)
+        ordered: list[Any] = [None] * len(self.blocks)
+        for group, results in zip(groups, outputs):
+            for index, result in zip(group, results):
+                ordered[index] = result
+        return ordered
+
+    def _task_groups(self, executor: Executor) -> list[list[int]]:
+        """Block indices per task: contiguous runs, one per thread; on a cluster, by holding worker."""
+        if self._groups is not None:
+            return self._groups
+        indices = list(range(len(self.blocks)))
+        if executor.distributed and self.storage == "memory":
+            who_has = executor.client.who_has(self.blocks)
+            threads = executor.client.nthreads()
+            by_worker: dict[str, list[int]] = {}
+            for index, block in zip(indices, self.blocks):
+                holders = who_has.get(block.key) or ["?"]
+                by_worker.setdefault(holders[0], []).append(index)
+            groups = [part for worker, held in by_worker.items() for part in _split(held, threads.get(worker, 1))]
+        else:
+            groups = _split(indices, executor.n_threads())
+        self._groups = groups
+        return groups
 
     def close(self) -> None:
         """Release the blocks; remove the Zarr store of the blocks."""
         self.blocks = []
+        self._groups = None
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _split(indices: list[int], parts: int) -> list[list[int]]:
+    """``indices`` in at most ``parts`` contiguous, nearly equal, non-empty runs."""
+    runs = np.array_split(np.asarray(indices, dtype=int), max(1, min(parts, len(indices))))
+    return [run.tolist() for run in runs if len(run)]
+
+
+def _run_group(func: Callable[..., Any], reduce_sum: bool, blocks: list[Any], *per_block: list[Any], **kwargs: Any) -> Any:
+    """Run ``func`` over the blocks of one task, one after the other."""
+    results = [func(block, *(values[i] for values in per_block), **kwargs) for i, block in enumerate(blocks)]
+    return np.sum(results, axis=0) if reduce_sum else results
 
 
 def _gibbs(block: Any, eps: float, log_domain: bool) -> np.ndarray:
