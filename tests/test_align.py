@@ -39,7 +39,7 @@ def test_sparse_input_matches_dense_input(counts_problem):
 def test_zarr_kernel_storage_matches_memory(counts_problem, tmp_path):
     sc, spots = counts_problem
     memory = ssa_dask.align(sc, spots, n_genes=30, kernel_storage="memory", tol=1e-7)
-    zarr_ds = ssa_dask.align(sc, spots, n_genes=30, kernel_storage="zarr", kernel_path=str(tmp_path), block_rows=50, tol=1e-7)
+    zarr_ds = ssa_dask.align(sc, spots, n_genes=30, kernel_storage="zarr", kernel_path=str(tmp_path), block_rows=77, tol=1e-7)
     assert zarr_ds.attrs["kernel_storage"] == "zarr"
     assert list(tmp_path.iterdir()) == []  # the kernel store is removed after the run
     np.testing.assert_array_equal(zarr_ds["spot"].values, memory["spot"].values)
