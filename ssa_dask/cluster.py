@@ -116,18 +116,6 @@ class Executor:
         with _RichProgress(label) if show else contextlib.nullcontext():
             return dask.compute(*collections, scheduler="threads")
 
-    def persist(self, collection: Any, label: str | None = None) -> Any:
-        """Persist a collection in worker memory (in this process when local)."""
-        if self.client is not None:
-            persisted = self.client.persist(collection)
-            if self.progress and label is not None:
-                from distributed import futures_of
-
-                _track_futures(futures_of(persisted), label)
-            return persisted
-        with _RichProgress(label) if self.progress and label is not None else contextlib.nullcontext():
-            return collection.persist(scheduler="threads")
-
 
 def _track_futures(futures: list[Any], label: str) -> None:
     from distributed import as_completed, futures_of
