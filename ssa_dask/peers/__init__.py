@@ -24,6 +24,13 @@ moscot     moscot ``MappingProblem`` (Klein et al. 2025)          moscot (JAX)
 
 The optional dependencies are imported only when a method runs; :func:`available_methods`
 looks them up without importing them.
+
+Each method is a module of this package with ``NAME``, ``DENSE_INPUT`` (whether it needs the
+dense shared-gene matrices), ``unavailable() -> str | None``, ``load()`` (imports its
+dependencies; run before the clock starts, so import time is not counted) and
+``map_cells(problem, *, seed, top_k, **options) -> dict`` (``spot`` and optionally
+``probability``, ``top_spots``, ``info``), timed and memory-sampled by
+:func:`~ssa_dask.peers.base.measure`.
 """
 
 from __future__ import annotations
@@ -115,6 +122,9 @@ def run_method(
     Returns
     -------
     MappingResult
+        ``seconds`` and ``peak_memory_bytes`` cover ``map_cells`` only: the method's own
+        preprocessing, fitting and assignment (and, for Seurat, starting R), not the shared gene
+        selection nor the first import of its Python dependencies.
 
     Raises
     ------
@@ -158,4 +168,5 @@ def _result(name: str, problem: PeerProblem, fields: dict[str, Any], seconds: fl
         peak_memory_bytes=peak,
         probability=None if probability is None else np.asarray(probability, dtype=np.float64),
         top_spots=None if top is None else np.asarray(top, dtype=np.int64),
+        info=dict(fields.get("info", {})),
     )

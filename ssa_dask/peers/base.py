@@ -3,9 +3,9 @@
 A peer maps the cells of a scRNA-seq matrix onto the spots of a spatial slide, like SSA does.
 To compare them fairly, every peer
 
-* receives the same :class:`PeerProblem`, built once by :func:`prepare_problem` with the same
-  gene rule as SSA (top-``n_genes`` variance genes of the cells, intersected with the spot genes,
-  in the cells' gene order) and dense float64 matrices over those genes;
+* receives the same :class:`PeerProblem`, built once by :func:`prepare_problem` with SSA's own
+  gene rule (:func:`ssa_dask.genes.select_genes`: top-``n_genes`` variance genes of the cells,
+  intersected with the spot genes, non-constant in both) and dense float64 matrices over them;
 * is timed and memory-sampled the same way by :func:`measure` around its own mapping code only
   (its own preprocessing, fitting and assignment; not the shared gene intersection);
 * returns a :class:`MappingResult` with one spot row index per cell.
@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anndata as ad
@@ -34,6 +34,7 @@ __all__ = [
     "PeerProblem",
     "PeerUnavailableError",
     "assignment_from_plan",
+    "check_dense_memory",
     "measure",
     "pca_scores",
     "pearson_matrix",
@@ -69,6 +70,9 @@ class MappingResult:
         where the method has such a score (``None`` if the method has none).
     top_spots
         ``(n_cells, k)`` int64 best spots per cell, best first (``None`` if not computed).
+    info
+        Method-specific details of the run (e.g. the parameters Seurat actually used, DistMap's
+        chosen quantile).
     """
 
     method: str
@@ -77,6 +81,7 @@ class MappingResult:
     peak_memory_bytes: int | None
     probability: np.ndarray | None = None
     top_spots: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,9 @@ class PeerProblem:
     def require_xy(self, method: str) -> np.ndarray:
         """Return :attr:`spot_xy`, raising :class:`SSAInputError` when the spots have no coordinates."""
         if self.spot_xy is None:
-            raise SSAInputError(f'{method} needs spot coordinates: give the spots obs["x"], obs["y"] or obsm["spatial"]')
+            raise SSAInputError(
+                f'{method} needs spot coordinates: give the spots obs["x"], obs["y"] or obsm["spatial"]'
+            )
         return self.spot_xy
 
     def dense(self) -> tuple[np.ndarray, np.ndarray]:
@@ -251,6 +258,24 @@ def pearson_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(unit_rows(a) @ unit_rows(b).T, -1.0, 1.0)
 
 
+def check_dense_memory(method: str, n_floats: float) -> None:
+    """Refuse a dense computation of ``n_floats`` float64 values that cannot fit in free memory.
+
+    Raises
+    ------
+    SSAInputError
+        When ``8 * n_floats`` bytes exceed the memory available now (``psutil.virtual_memory``),
+        naming the method and the size, instead of letting the process be killed.
+    """
+    need = 8.0 * float(n_floats)
+    available = float(psutil.virtual_memory().available)
+    if need > available:
+        raise SSAInputError(
+            f"{method} needs about {need / 2**30:.1f} GiB of dense matrices for this problem but only "
+            f"{available / 2**30:.1f} GiB is free; subsample the cells (these methods scale as n_cells^2)"
+        )
+
+
 def pca_scores(x: np.ndarray, n_components: int) -> np.ndarray:
     """Principal component scores of the rows of ``x``.
 
@@ -338,11 +363,9 @@ def measure(fn: Callable[[], T], *, interval: float = 0.01) -> tuple[T, float, i
 
 
 def top_k(score: np.ndarray, k: int) -> np.ndarray:
-    """``(n, k)`` column indices of the ``k`` largest entries of each row of ``score``, best first."""
+    """``(n, k)`` column indices of the ``k`` largest entries of each row, best first, ties to the lower index."""
     k = int(min(max(k, 1), score.shape[1]))
-    part = np.argpartition(-score, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(score, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1).astype(np.int64)
+    return np.argsort(-score, axis=1, kind="stable")[:, :k].astype(np.int64)
 
 
 def assignment_from_plan(plan: np.ndarray, k: int = 1) -> dict[str, np.ndarray]:

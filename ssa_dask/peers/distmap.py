@@ -149,7 +149,7 @@ def map_cells(
     Returns
     -------
     dict
-        ``spot``, ``probability``, ``top_spots`` and ``quantile`` (the chosen ``q``).
+        ``spot``, ``probability``, ``top_spots`` and ``info`` (the chosen quantile ``q``).
     """
     sc, spots = problem.dense()
     spots_binary = binarize_spots(spots)
@@ -159,5 +159,5 @@ def map_cells(
         score = np.exp(mcc_matrix(cells_binary[start : start + block_rows], spots_binary))
         parts.append(assignment_from_plan(score, top_k))
     out = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    out["quantile"] = q
+    out["info"] = {"quantile": q}
     return out

@@ -13,14 +13,16 @@ tutorial, continuous correlation in place of the binarised MCC because the spots
   spot-spot Euclidean distance ``C_sp`` (the geodesic distance of a flat slide); both divided by
   their maximum;
 * the problem
-  ``min_g (1 - alpha) <g, M> + alpha sum_{i,k,j,l} (C_sc[i,k] - C_sp[j,l])^2 g_ij g_kl
+  ``min_g (1 - alpha) <g, M> + (alpha / 2) sum_{i,k,j,l} (C_sc[i,k] - C_sp[j,l])^2 g_ij g_kl
   + epsilon sum_ij g_ij (log g_ij - 1) + kappa KL(g 1 | a) + kappa KL(g^T 1 | b)``
   with SpaOTsc's defaults ``alpha = 0.1``, ``epsilon = 1.0``, ``kappa`` (SpaOTsc's ``rho``) ``= 100``;
 * solved as SpaOTsc's ``usot``: ``n_outer = 10`` conditional-gradient steps from ``g = a b^T``;
   each linearises the quadratic term, ``G = (1 - alpha) M + 2 alpha (c_a - C_sc g C_sp)`` with
-  ``c_a = (C_sc^2 / 2) a 1^T + 1 b^T (C_sp^2 / 2)``, solves the entropic unbalanced problem in ``G``
-  with POT (``ot.unbalanced.sinkhorn_unbalanced``, ``KL(g | 1)`` regulariser) and takes SpaOTsc's
-  exact line search on the segment. Each cell goes to the spot of largest ``g``.
+  ``c_a = (C_sc^2 / 2) a 1^T + 1 b^T (C_sp^2 / 2)`` (the plan's marginals taken as ``a``, ``b`` in
+  this constant part, as SpaOTsc's code does), solves the entropic unbalanced problem in ``G``
+  with POT (``ot.unbalanced.sinkhorn_unbalanced``, ``KL(g | 1)`` regulariser, up to 1000
+  iterations where SpaOTsc runs 50) and takes SpaOTsc's exact line search on the segment.
+  Each cell goes to the spot of largest ``g``.
 
 The ``(n_cells, n_cells)`` matrix ``C_sc`` and the ``C_sc g`` products (``O(n^2 m)`` per step)
 limit this method to modest numbers of cells (thousands), as in the paper.
@@ -33,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ssa_dask.peers.base import PeerProblem, assignment_from_plan, pca_scores, pearson_matrix
+from ssa_dask.peers.base import PeerProblem, assignment_from_plan, check_dense_memory, pca_scores, pearson_matrix
 
 NAME = "spaotsc"
 DENSE_INPUT = True
@@ -151,6 +153,8 @@ def map_cells(
     """
     sc, spots = problem.dense()
     xy = problem.require_xy("spaotsc")
+    n, m = problem.n_cells, problem.n_spots
+    check_dense_memory("spaotsc", 3 * n * n + 8 * n * m + 2 * m * m)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     rho = pearson_matrix(sc, spots)
