@@ -165,7 +165,7 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
     cost = PearsonCost.from_statistics(cell_summary.mean[cell_cols], cell_summary.std[cell_cols], spot_values,
                                        spot_summary.mean[spot_cols], spot_summary.std[spot_cols])
 
-    rows = block_rows or default_block_rows(n_cells, n_spots, len(genes), executor.n_threads())
+    rows = block_rows or default_block_rows(n_cells, n_spots, len(genes), executor.n_threads(), cells.X.chunks[0][0])
     X = cells.select_genes(genes).rechunk_rows(rows).X
     storage = _choose_storage(kernel_storage, n_cells * n_spots * 4, memory_budget or executor.memory_bytes())
     log.info("kernel %d x %d float32 (%.2f GB) in %s, %d blocks of %d cells", n_cells, n_spots,
@@ -209,11 +209,19 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
     return ds.assign_coords(gene=np.asarray(genes, dtype=object))
 
 
-def default_block_rows(n_cells: int, n_spots: int, n_genes: int, n_threads: int) -> int:
-    """Cells per block: blocks of about ``TARGET_BLOCK_BYTES`` and at least one per thread."""
+def default_block_rows(n_cells: int, n_spots: int, n_genes: int, n_threads: int, stored_rows: int | None = None) -> int:
+    """Cells per block: about ``TARGET_BLOCK_BYTES``, at least one block per thread, and aligned
+    with the input's stored row chunks (a multiple or an even split of them), so no block has to
+    stitch rows from two stored chunks."""
     by_size = TARGET_BLOCK_BYTES // (4 * max(n_spots, n_genes))
     by_threads = math.ceil(n_cells / max(1, n_threads))
-    return int(max(1, min(by_size, by_threads, n_cells)))
+    rows = int(max(1, min(by_size, by_threads, n_cells)))
+    if stored_rows and stored_rows < n_cells:
+        if rows >= stored_rows:
+            rows = stored_rows * (rows // stored_rows)
+        else:
+            rows = math.ceil(stored_rows / math.ceil(stored_rows / rows))
+    return rows
 
 
 def _choose_storage(requested: str, kernel_bytes: int, budget: int) -> str:

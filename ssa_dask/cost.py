@@ -105,14 +105,17 @@ class PearsonCost:
             numerator = np.asarray(xs.astype(np.float32) @ self.spot_profiles) - (self.shift @ self.spot_profiles)[None, :]
         else:
             dense = block.toarray() if sp.issparse(block) else np.asarray(block)
-            z = dense.astype(np.float32) * self.scale.astype(np.float32) - self.shift.astype(np.float32)
+            z = np.array(dense, dtype=np.float32)  # a copy we own: z-scored in place
+            z *= self.scale.astype(np.float32)
+            z -= self.shift.astype(np.float32)
             row_sum = z.sum(axis=1, dtype=np.float64)
             row_sq = np.einsum("ij,ij->i", z, z, dtype=np.float64)
             numerator = z @ self.spot_profiles
         centred_sq = row_sq - row_sum**2 / n_genes
         with np.errstate(divide="ignore", invalid="ignore"):
             inv_norm = np.where(centred_sq > 1e-10 * n_genes, 1.0 / np.sqrt(np.maximum(centred_sq, 0.0)), np.nan)
-        rho = numerator * inv_norm.astype(np.float32)[:, None]
+        rho = np.asarray(numerator, dtype=np.float32)
+        rho *= inv_norm.astype(np.float32)[:, None]
         return np.clip(rho, -1.0, 1.0, out=rho)
 
     def cost(self, block: Any) -> np.ndarray:

@@ -287,21 +287,29 @@ def _column_marginal_block(block: Any, p: np.ndarray, g: np.ndarray, eps: float,
 
 
 def _top_k_block(block: Any, p: np.ndarray, g: np.ndarray, eps: float, log_domain: bool, k: int) -> np.ndarray:
-    values = np.asarray(_resolve(block), np.float64)
+    """Top-k columns of each row of the plan, their row-normalised weights, and the row potential.
+
+    Row ``i`` of the plan is proportional to ``K_ij b_j``.  In the kernel domain the scores stay
+    float32 like the kernel (row sums in float64); the log domain works in float64, where the
+    scores span a range float32 cannot resolve.
+    """
+    values = _resolve(block)
     if log_domain:
-        log_score = (g[None, :] - values) / eps
+        log_score = (g[None, :] - np.asarray(values, np.float64)) / eps
         shift = log_score.max(axis=1, keepdims=True)
         score = np.exp(log_score - shift)
         log_offset = shift[:, 0]
     else:
-        score = values * _scaling(g, eps)[None, :]
+        score = values * _scaling(g, eps).astype(np.float32)[None, :]
         log_offset = np.full(values.shape[0], g.max() / eps)
-    row_sum = score.sum(axis=1)
-    if k < score.shape[1]:
+    row_sum = score.sum(axis=1, dtype=np.float64)
+    if k == 1:
+        top = score.argmax(axis=1)[:, None]
+    elif k < score.shape[1]:
         top = np.argpartition(-score, k - 1, axis=1)[:, :k]
     else:
         top = np.tile(np.arange(k), (score.shape[0], 1))
-    top_score = np.take_along_axis(score, top, axis=1)
+    top_score = np.take_along_axis(score, top, axis=1).astype(np.float64)
     order = np.argsort(-top_score, axis=1, kind="stable")
     top = np.take_along_axis(top, order, axis=1)
     probability = np.take_along_axis(top_score, order, axis=1) / row_sum[:, None]

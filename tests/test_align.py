@@ -133,3 +133,14 @@ def test_multiprocess_local_cluster_gives_the_same_answer(counts_problem):
     np.testing.assert_array_equal(on_cluster["spot"].values, threads["spot"].values)
     np.testing.assert_allclose(on_cluster["probability"].values, threads["probability"].values, rtol=1e-5)
     np.testing.assert_array_equal(on_cluster_zarr["spot"].values, threads["spot"].values)
+
+
+def test_default_blocks_align_with_stored_chunks():
+    from ssa_dask.align import default_block_rows
+
+    # 5000 genes, 4000 spots: ~6,700 rows by size; stored chunks of 8,192 are split evenly in two
+    assert default_block_rows(1_000_000, 4000, 5000, 2, stored_rows=8192) == 4096
+    # stored chunks smaller than the target: whole multiples of them
+    assert default_block_rows(1_000_000, 4000, 5000, 2, stored_rows=1000) == 6000
+    # few cells: one block per thread
+    assert default_block_rows(300, 25, 40, 2) == 150
