@@ -13,7 +13,6 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WORK_DIR = Path(__file__).resolve().parent / "_work"
 
@@ -169,25 +169,6 @@ def timeit(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> Timing:
     return timing
 
 
-@contextmanager
-def limited_threads(n: int | None):
-    """Limit BLAS/OpenMP/Numba threads to ``n`` inside the block (``None``: leave as is)."""
-    if n is None:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-
-    import numba
-
-    old = numba.get_num_threads()
-    numba.set_num_threads(n)
-    try:
-        with threadpool_limits(n):
-            yield
-    finally:
-        numba.set_num_threads(old)
-
-
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Print a plain-text table (also valid Markdown)."""
 
@@ -206,7 +187,10 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
 
 
 def write_result(name: str, payload: dict[str, Any], load_before: list[float]) -> Path:
-    """Write ``payload`` plus machine info and load averages to ``results/<name>.json``."""
+    """Write ``payload`` plus machine info and load averages to ``results/<name>.json``.
+
+    Paths inside the repository are written relative to it, as ``<repo>/...``.
+    """
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     doc = {
         "benchmark": name,
@@ -217,7 +201,10 @@ def write_result(name: str, payload: dict[str, Any], load_before: list[float]) -
         **payload,
     }
     path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
+    text = json.dumps(doc, indent=2, default=_json_default)
+    # no absolute paths of the benchmark machine in committed results
+    text = text.replace(str(REPO_ROOT), "<repo>").replace(json.dumps(str(REPO_ROOT))[1:-1], "<repo>")
+    path.write_text(text + "\n")
     print(f"\nwrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
     return path
 

@@ -27,7 +27,9 @@ The generative model (all of it fixed by one integer seed):
 Randomness is split with :class:`numpy.random.SeedSequence`: ``SeedSequence(seed, spawn_key=(k,))``
 is the ``k``-th child of ``SeedSequence(seed).spawn`` (0: the model, 1: cells, 2: spots), and block
 ``b`` of a stream uses the grandchild ``spawn_key=(k, b)``. Cells are generated in fixed blocks of
-:data:`CELL_BLOCK` rows, so the output does not depend on how many rows are written at a time.
+:data:`CELL_BLOCK` rows, so the output does not depend on how many rows are written at a time, and
+the model does not depend on ``n_cells``, so a data set of ``n`` cells is the first ``n`` cells of
+any larger one with the same other parameters (e.g. a 50,000-cell subset of the 1M-cell set).
 
 On disk (:func:`write_synth`), ``OUT`` is a directory holding two AnnData-on-Zarr stores,
 ``OUT/cells.zarr`` (``N x G``) and ``OUT/spots.zarr`` (``S x G``), plus ``OUT/synth.json`` with
@@ -260,12 +262,14 @@ class SynthModel:
 
 # ---------------------------------------------------------------------- cells
 def _cell_block(model: SynthModel, block: int) -> tuple[sp.csr_matrix, dict[str, np.ndarray]]:
+    """Block ``block``: always drawn whole, then cut at ``n_cells``, so that a data set is a prefix
+    of any larger one with the same parameters."""
     p = model.params
-    lo = block * CELL_BLOCK
-    n = min(CELL_BLOCK, p.n_cells - lo)
+    n = min(CELL_BLOCK, p.n_cells - block * CELL_BLOCK)
     rng = _rng(p.seed, 1, block)
-    layout = model.layout(rng, rng.integers(0, p.n_spots, size=n))
-    return model.counts(rng, layout), layout
+    layout = model.layout(rng, rng.integers(0, p.n_spots, size=CELL_BLOCK))
+    X = model.counts(rng, layout)
+    return (X[:n], {k: v[:n] for k, v in layout.items()}) if n < CELL_BLOCK else (X, layout)
 
 
 def generate_cells(model: SynthModel, start: int, stop: int) -> tuple[sp.csr_matrix, pd.DataFrame]:

@@ -1,0 +1,200 @@
+"""Dask overhead of one Sinkhorn iteration: scheduler time against kernel-sweep compute time.
+
+The same kernel blocks (``cells x spots`` float32, ``block_rows`` rows each) are swept by:
+
+* **no Dask**: the compiled Numba sweep (``ssa_dask._kernels.kernel_sweep``) on each block from a
+  plain thread pool with as many threads as cores: the compute floor;
+* **local executor**: ssa_dask's Sinkhorn loop (:func:`ssa_dask.sinkhorn.sinkhorn`) with
+  ``Executor()`` (what ``align(client=None)`` uses: a thread pool, no task graph);
+* **Dask threads scheduler**: the same per-block function as one Dask graph per iteration,
+  ``dask.compute(..., scheduler="threads")``;
+* **distributed**: ssa_dask's Sinkhorn loop on a ``LocalCluster`` with 1, 2 and 4 worker
+  processes (``Executor(client)``: one ``client.map`` task per block per iteration), blocks
+  generated and held on the workers.
+
+For distributed runs, the task stream gives each task's compute time; ``compute share`` =
+summed compute time / (wall time x threads), and ``overhead/iter`` = wall per iteration minus the
+no-Dask time per iteration.
+
+Usage::
+
+    python benchmarks/bench_dask_overhead.py                       # 50,000 x 3,600, 4,096-row blocks
+    python benchmarks/bench_dask_overhead.py --cells 20000 --workers 1 2 --block-rows 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import dask.array as da
+import numpy as np
+
+from _common import PeakMemory, loadavg, print_table, write_result
+from ssa_dask import _kernels
+from ssa_dask.cluster import Executor
+from ssa_dask.errors import ConvergenceWarning
+from ssa_dask.kernel import Kernel, _column_marginal_block, _scaling
+from ssa_dask.sinkhorn import sinkhorn
+
+EPS = 0.05
+
+
+def _block(block_id: int, rows: int, n_spots: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, block_id])
+    D = rng.random((rows, n_spots), dtype=np.float32)
+    return np.exp(D * np.float32(-1.0 / EPS))
+
+
+def lazy_blocks(n_cells: int, n_spots: int, block_rows: int, seed: int) -> da.Array:
+    """Kernel row blocks ``exp(-D/eps)`` of a uniform random ``D``, generated where they are computed."""
+    starts = list(range(0, n_cells, block_rows))
+    sizes = [min(block_rows, n_cells - s) for s in starts]
+    return da.map_blocks(
+        lambda block_info=None: _block(block_info[None]["chunk-location"][0], block_info[None]["chunk-shape"][0],
+                                       n_spots, seed),
+        dtype=np.float32, chunks=(tuple(sizes), (n_spots,)), meta=np.empty((0, 0), np.float32),
+    )
+
+
+def marginals(n_cells: int, n_spots: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed + 1)
+    p, q = rng.uniform(0.5, 1.5, n_cells), rng.uniform(0.5, 1.5, n_spots)
+    return p / p.sum(), q / q.sum()
+
+
+def make_kernel(blocks: list, block_rows: int, n_cells: int, n_spots: int) -> Kernel:
+    bounds = np.append(np.arange(0, n_cells, block_rows), n_cells)
+    return Kernel(blocks=blocks, bounds=bounds, n_spots=n_spots, eps=EPS, log_domain=False, max_cost=1.0)
+
+
+def dask_threads(blocks: list[np.ndarray], p: np.ndarray, q: np.ndarray, iters: int, repeat: int) -> float:
+    """One Dask graph (a task per block + a sum) per iteration on the threaded scheduler."""
+    import dask
+
+    starts = np.cumsum([0] + [b.shape[0] for b in blocks])
+    pb = [p[a:b] for a, b in zip(starts[:-1], starts[1:])]
+    best = np.inf
+    for _ in range(repeat + 1):
+        g = np.zeros(blocks[0].shape[1])
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            parts = [dask.delayed(_column_marginal_block)(blk, r, g, EPS, False) for blk, r in zip(blocks, pb)]
+            (column,) = dask.compute(dask.delayed(sum)(parts), scheduler="threads")
+            g = g + EPS * (np.log(q) - np.log(column))
+        best = min(best, (time.perf_counter() - t0) / iters)
+    return best
+
+
+def run_sinkhorn(kernel: Kernel, p, q, iters: int, repeat: int, executor: Executor) -> float:
+    """Best seconds per iteration of ``sinkhorn`` with a fixed iteration count."""
+    best = np.inf
+    for _ in range(repeat + 1):  # first run warms up (compilation, worker imports)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            res = sinkhorn(kernel, p, q, tol=0.0, max_iter=iters, executor=executor)
+        best = min(best, res.seconds / iters)
+    return best
+
+
+def no_dask(blocks: list[np.ndarray], p: np.ndarray, q: np.ndarray, iters: int, repeat: int, threads: int) -> float:
+    starts = np.cumsum([0] + [b.shape[0] for b in blocks])
+    pb = [np.ascontiguousarray(p[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+    n_spots = blocks[0].shape[1]
+
+    def sweep(args):
+        block, rows, b = args
+        out = np.zeros(n_spots)
+        _kernels.kernel_sweep(block, rows, b, out)
+        return out
+
+    best = np.inf
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeat + 1):
+            g = np.zeros(n_spots)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                b = _scaling(g, EPS).astype(np.float32)
+                column = np.sum(list(pool.map(sweep, [(blk, r, b) for blk, r in zip(blocks, pb)])), axis=0)
+                g = g + EPS * (np.log(q) - np.log(column))
+            best = min(best, (time.perf_counter() - t0) / iters)
+    return best
+
+
+def distributed_run(n_workers: int, args, p, q) -> dict:
+    from distributed import Client, LocalCluster, get_task_stream
+
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // n_workers)
+    with LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True, dashboard_address=None,
+                      memory_limit="auto") as cluster, Client(cluster) as client:
+        executor = Executor(client)
+        blocks = executor.materialize_blocks(lazy_blocks(args.cells, args.spots, args.block_rows, args.seed))
+        kernel = make_kernel(blocks, args.block_rows, args.cells, args.spots)
+        per_iter = run_sinkhorn(kernel, p, q, args.iters, 0, executor)  # warm-up inside (repeat + 1 = 1 run)
+        with get_task_stream(client) as ts:
+            t0 = time.perf_counter()
+            per_iter = min(per_iter, run_sinkhorn(kernel, p, q, args.iters, 0, executor))
+            wall = time.perf_counter() - t0
+        compute = sum(ss["stop"] - ss["start"] for task in ts.data for ss in task["startstops"]
+                      if ss["action"] == "compute")
+        transfer = sum(ss["stop"] - ss["start"] for task in ts.data for ss in task["startstops"]
+                       if ss["action"] == "transfer")
+        n_tasks = len(ts.data)
+        return {"workers": n_workers, "threads_per_worker": threads, "per_iter_s": per_iter, "stream_wall_s": wall,
+                "task_compute_s": compute, "task_transfer_s": transfer, "tasks": n_tasks,
+                "tasks_per_iter": n_tasks / args.iters,  # the recorded window holds one sinkhorn call
+                "compute_share": compute / (wall * n_workers * threads)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", type=int, default=50_000)
+    ap.add_argument("--spots", type=int, default=3_600)
+    ap.add_argument("--block-rows", type=int, default=4096)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="dask_overhead")
+    args = ap.parse_args()
+    load_before = loadavg()
+    threads = os.cpu_count() or 1
+    p, q = marginals(args.cells, args.spots, args.seed)
+
+    with PeakMemory() as mem:
+        lazy = lazy_blocks(args.cells, args.spots, args.block_rows, args.seed)
+        local = [np.asarray(b) for b in __import__("dask").compute(*lazy.to_delayed().ravel(), scheduler="threads")]
+        floor = no_dask(local, p, q, args.iters, args.repeat, threads)
+        executor = Executor()
+        local_exec = run_sinkhorn(make_kernel(local, args.block_rows, args.cells, args.spots), p, q, args.iters,
+                                  args.repeat, executor)
+        executor.close()
+        thr = dask_threads(local, p, q, args.iters, args.repeat)
+        del local
+        dist = [distributed_run(w, args, p, q) for w in args.workers]
+
+    n_blocks = -(-args.cells // args.block_rows)
+    rows = [["no Dask (ThreadPool, Numba sweep)", threads, floor * 1e3, 0.0, 1.0, "-"],
+            ["ssa_dask local executor (align, client=None)", threads, local_exec * 1e3, (local_exec - floor) * 1e3,
+             local_exec / floor, "-"],
+            ["Dask threads scheduler (graph per iteration)", threads, thr * 1e3, (thr - floor) * 1e3, thr / floor, "-"]]
+    for d in dist:
+        rows.append([f"distributed, {d['workers']} worker(s) x {d['threads_per_worker']} thread(s)",
+                     d["workers"] * d["threads_per_worker"], d["per_iter_s"] * 1e3, (d["per_iter_s"] - floor) * 1e3,
+                     d["per_iter_s"] / floor, f"{d['compute_share']:.2f}"])
+    print(f"K {args.cells:,} x {args.spots:,} float32 ({args.cells * args.spots * 4 / 1e9:.2f} GB), {n_blocks} blocks "
+          f"of {args.block_rows} rows, {threads} cores, load {load_before}")
+    print_table("Seconds per Sinkhorn iteration", ["executor", "threads", "ms/iter", "overhead ms/iter", "x no-Dask",
+                                                   "compute share"], rows)
+    print(f"peak RSS (this process; workers are separate processes) {mem.peak_gib:.2f} GiB")
+    write_result(args.name, {"args": vars(args), "n_blocks": n_blocks, "no_dask_s": floor,
+                             "local_executor_s": local_exec, "dask_threads_s": thr,
+                             "distributed": dist, "peak_rss_gib": mem.peak_gib}, load_before)
+
+
+if __name__ == "__main__":
+    main()
