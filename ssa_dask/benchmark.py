@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 ALL_METHODS = ("ssa", "distmap", "spaotsc", "tangram", "seurat", "novosparc", "moscot", "random")
 
+_SWEEP_LABEL = "mean Euclidean distance (grid units)"
+
 _METRICS = ("euclidean_grid", "manhattan_grid", "euclidean", "manhattan", "accuracy", "topk_accuracy")
 
 
@@ -239,7 +241,7 @@ def _ssa_sweeps(
             start = time.perf_counter()
             try:
                 ds = ssa_dask.align(sc, visible, **kwargs)
-            except Exception as err:  # a sweep point that fails is recorded, not fatal
+            except Exception as err:  # noqa: BLE001  (a sweep point that fails is recorded, not fatal)
                 logger.warning("SSA sweep %s %s on replicate %d failed: %s", sweep, kwargs, r, err)
                 rows.append({**row, "status": f"failed: {type(err).__name__}: {err}"})
                 continue
@@ -278,7 +280,13 @@ def run_benchmark(adata: ad.AnnData, cfg: BenchmarkConfig, *, progress: bool = T
     -------
     BenchmarkResult
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from ssa_dask import peers
 
@@ -346,7 +354,7 @@ def run_benchmark(adata: ad.AnnData, cfg: BenchmarkConfig, *, progress: bool = T
                     rows.append({**row, "status": "unavailable", "reason": str(err)})
                     bar.advance(task)
                     continue
-                except Exception as err:  # a failing method is reported in the tables, never fatal
+                except Exception as err:  # noqa: BLE001  (a failing method is reported in the tables, never fatal)
                     logger.error("%s failed on replicate %d: %s\n%s", method, r, err, traceback.format_exc())
                     rows.append({**row, "status": "failed", "reason": f"{type(err).__name__}: {err}"})
                     bar.advance(task)
@@ -437,6 +445,7 @@ def markdown_table(
     str
     """
     header = [index_name or (frame.index.name or "")] + [str(c) for c in frame.columns]
+    integer = [pd.api.types.is_integer_dtype(frame[c]) for c in frame.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for idx, row in frame.iterrows():
         numeric = pd.to_numeric(row, errors="coerce").to_numpy(dtype=float)
@@ -444,11 +453,11 @@ def markdown_table(
         if bold and idx not in no_bold_rows and np.isfinite(numeric).any():
             best = np.nanmin(numeric) if bold == "min" else np.nanmax(numeric)
         cells = []
-        for value, num in zip(row, numeric):
+        for value, num, is_int in zip(row, numeric, integer):
             if isinstance(value, str):
                 cells.append(value)
                 continue
-            text = _fmt(num, digits)
+            text = _fmt(num, 0 if is_int else digits)
             cells.append(f"**{text}**" if best is not None and np.isfinite(num) and np.isclose(num, best) else text)
         lines.append("| " + " | ".join([str(idx)] + cells) + " |")
     return "\n".join(lines) + "\n"
@@ -607,11 +616,14 @@ def write_outputs(result: BenchmarkResult, out_dir: str | Path) -> dict[str, Pat
     if not sw.empty and "euclidean_grid" in sw:
         lam = sw[(sw["sweep"] == "lambda") & (sw["status"] == "ok")]
         if not lam.empty:
-            plot.plot_lambda_sweep(lam, out / "lambda_sweep.png")
+            plot.plot_lambda_sweep(lam, out / "lambda_sweep.png", ylabel=_SWEEP_LABEL)
             files["lambda_sweep.png"] = out / "lambda_sweep.png"
         genes = sw[(sw["sweep"] == "n_genes") & (sw["status"] == "ok")]
         if not genes.empty:
-            plot.plot_ngenes_sweep(genes, out / "n_genes_sweep.png")
+            # the genes left after dropping constant ones can differ by replicate: plot each requested
+            # n_genes at the median number actually used
+            genes = genes.assign(n_genes_used=genes.groupby("n_genes")["n_genes_used"].transform("median"))
+            plot.plot_ngenes_sweep(genes, out / "n_genes_sweep.png", ylabel=_SWEEP_LABEL)
             files["n_genes_sweep.png"] = out / "n_genes_sweep.png"
 
     write("summary.md", _summary(result, tables, pvalues, runtime, kl_mean, status, files))
@@ -627,15 +639,21 @@ def _summary(result, tables, pvalues, runtime, kl_mean, status, files) -> str:
         f"# Semi-simulation benchmark: {result.dataset['name']}",
         "",
         f"- Slide: {result.dataset['n_cells']:,} cells x {result.dataset['n_genes']:,} genes.",
-        f"- Grid: side {sim['spot_size']:.6g} coordinate units -> {spots.n_obs} non-empty spots, "
-        f"{n_per.median():.0f} cells per spot (median; mean {n_per.mean():.1f}, range {n_per.min()}-{n_per.max()}).",
-        f"- Replicates: {cfg.n_replicates} x {int(result.metrics['n_cells'].iloc[0]):,} cells "
-        f"(seed {cfg.seed}); log(A+1) {'applied to replicates and spot means' if cfg.log1p else 'not applied (input already log-normalised)'}.",
+        (
+            f"- Grid: side {sim['spot_size']:.6g} coordinate units -> {spots.n_obs} non-empty spots, "
+            f"{n_per.median():.0f} cells per spot (median; mean {n_per.mean():.1f}, range {n_per.min()}-{n_per.max()})."
+        ),
+        (
+            f"- Replicates: {cfg.n_replicates} x {int(result.metrics['n_cells'].iloc[0]):,} cells (seed {cfg.seed}); "
+            f"log(A+1) {'applied to replicates and spot means' if cfg.log1p else 'not applied (input already log-normalised)'}."
+        ),
         f"- Methods: {', '.join(methods)}. Run time {result.seconds / 60:.1f} min.",
         "",
-        "Distances: *grid units* are distances between the grid indices (i, j) of the predicted and the true "
-        "square (adjacent squares are 1 apart; the unit of the paper's Tables 1-2); *coordinate units* are "
-        "distances between the centroids of the predicted and true spots in the slide's own units.",
+        (
+            "Distances: *grid units* are distances between the grid indices (i, j) of the predicted and the true "
+            "square (adjacent squares are 1 apart; the unit of the paper's Tables 1-2); *coordinate units* are "
+            "distances between the centroids of the predicted and true spots in the slide's own units."
+        ),
         "",
         "## Mean over replicates (± sd)",
         "",
@@ -677,12 +695,20 @@ def _summary(result, tables, pvalues, runtime, kl_mean, status, files) -> str:
     sw = result.sweeps
     if not sw.empty and "euclidean_grid" in sw:
         lines += ["## SSA sweeps (mean Euclidean, grid units, first replicates)", ""]
-        for sweep, col in (("lambda", "lam"), ("n_genes", "n_genes_used")):
-            sub = sw[(sw["sweep"] == sweep) & (sw["status"] == "ok")]
-            if sub.empty:
-                continue
-            agg = sub.groupby(col)["euclidean_grid"].mean()
-            lines.append(f"- {sweep}: " + ", ".join(f"{k:g} -> {v:.3f}" for k, v in agg.items()))
+        lam = sw[(sw["sweep"] == "lambda") & (sw["status"] == "ok")]
+        if not lam.empty:
+            agg = lam.groupby("lam")["euclidean_grid"].mean()
+            lines.append("- lambda: " + ", ".join(f"{k:g} -> {v:.3f}" for k, v in agg.items()))
+        genes = sw[(sw["sweep"] == "n_genes") & (sw["status"] == "ok")]
+        if not genes.empty:
+            agg = genes.groupby("n_genes").agg(
+                d=("euclidean_grid", "mean"), lo=("n_genes_used", "min"), hi=("n_genes_used", "max")
+            )
+            used = [f"{r.lo}" if r.lo == r.hi else f"{r.lo}-{r.hi}" for r in agg.itertuples()]
+            lines.append(
+                "- n_genes (genes used): "
+                + ", ".join(f"{k} ({u}) -> {r.d:.3f}" for (k, r), u in zip(agg.iterrows(), used))
+            )
         failed = sw[sw["status"] != "ok"]
         if not failed.empty:
             lines.append(f"- {len(failed)} sweep runs failed: {sorted(set(failed['status']))}")

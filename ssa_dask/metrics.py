@@ -236,7 +236,7 @@ def per_type_kl(cell_types, true_xy, pred_xy, *, min_cells: int = 3, **kde_optio
     mapped = np.isfinite(pred).all(axis=1) & np.isfinite(true).all(axis=1)
     values: dict[str, float] = {}
     skipped: dict[str, str] = {}
-    for label in np.unique(labels):
+    for label in map(str, np.unique(labels)):
         rows = (labels == label) & mapped
         if rows.sum() < min_cells:
             skipped[label] = f"{int(rows.sum())} mapped cells (< {min_cells})"

@@ -1,13 +1,14 @@
 """Figures of the semi-simulation benchmark (matplotlib, drawn off-screen with the Agg canvas).
 
-Every function takes the data and an optional output ``path`` (PNG, written at ``dpi``) and
-returns the :class:`matplotlib.figure.Figure`. Figures are built with
+Every function takes the data and an optional output ``path`` (PNG, written at ``dpi`` and
+quantised to a 256-colour palette to stay small) and returns the :class:`matplotlib.figure.Figure`. Figures are built with
 :class:`matplotlib.figure.Figure` directly, not ``pyplot``, so no global state or GUI backend is
 touched.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -36,17 +37,32 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: str | Path | None, dpi: int) -> Figure:
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """Write ``fig``; a PNG is stored with a 256-colour adaptive palette to keep it small."""
+    if path is None:
+        return fig
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() != ".png":
         fig.savefig(path, dpi=dpi)
+        return fig
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(colors=256).save(path, format="PNG", optimize=True)
     return fig
 
 
 def _colours(labels: Sequence[str]) -> dict[str, tuple]:
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    return {label: cmap(k % cmap.N) for k, label in enumerate(labels)}
+    if len(labels) <= 10:
+        colours = list(colormaps["tab10"].colors)
+    else:
+        colours = [*colormaps["tab20"].colors, *colormaps["tab20b"].colors, *colormaps["tab20c"].colors]
+    return {label: colours[k % len(colours)] for k, label in enumerate(labels)}
 
 
 def plot_spot_map(
@@ -119,7 +135,7 @@ def plot_pred_vs_true(
     jitter: float = 0.0,
     seed: int = 0,
     title: str | None = None,
-    dpi: int = 90,
+    dpi: int = 80,
 ) -> Figure:
     """True cell locations next to each method's predicted locations for one replicate.
 
@@ -289,7 +305,8 @@ def plot_lambda_sweep(table: pd.DataFrame, path: str | Path | None = None, *, y:
     matplotlib.figure.Figure
     """
     kwargs.setdefault("title", "SSA: entropic regularisation sweep")
-    return plot_sweep(table, "lam", y, path, xlabel="lambda (eps = lambda * max D)", ylabel=y, logx=True, **kwargs)
+    kwargs.setdefault("ylabel", y)
+    return plot_sweep(table, "lam", y, path, xlabel="lambda (eps = lambda * max D)", logx=True, **kwargs)
 
 
 def plot_ngenes_sweep(table: pd.DataFrame, path: str | Path | None = None, *, y: str = "euclidean_grid", **kwargs) -> Figure:
@@ -311,4 +328,5 @@ def plot_ngenes_sweep(table: pd.DataFrame, path: str | Path | None = None, *, y:
     matplotlib.figure.Figure
     """
     kwargs.setdefault("title", "SSA: number of genes sweep")
-    return plot_sweep(table, "n_genes_used", y, path, xlabel="genes used", ylabel=y, logx=True, **kwargs)
+    kwargs.setdefault("ylabel", y)
+    return plot_sweep(table, "n_genes_used", y, path, xlabel="genes used", logx=True, **kwargs)

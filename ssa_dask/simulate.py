@@ -226,7 +226,7 @@ def bin_to_spots(
     if cell_type_key in adata.obs:
         table = pd.crosstab(cell_spot, adata.obs[cell_type_key].to_numpy())
         obs["dominant_cell_type"] = pd.Categorical(table.idxmax(axis=1).to_numpy())
-    spots = ad.AnnData(X=spot_x, obs=obs, var=adata.var[[]].copy())
+    spots = ad.AnnData(X=spot_x, obs=obs, var=adata.var.copy())
     spots.obsm["spatial"] = centroid
     spots.uns["ssa_simulation"] = {"spot_size": spot_size, "origin": origin.tolist(), "log1p": bool(log1p)}
     return spots, cell_spot
@@ -298,7 +298,7 @@ def sample_replicates(
         fraction = 0.5 if fraction is None else float(fraction)
         if not 0 < fraction <= 1:
             raise SSAInputError(f"fraction must be in (0, 1], got {fraction}")
-        n_cells = max(1, int(round(fraction * total)))
+        n_cells = max(1, round(fraction * total))
     if not 1 <= int(n_cells) <= total:
         raise SSAInputError(f"n_cells must be between 1 and the {total} cells available, got {n_cells}")
     if true_spot is None and "true_spot" in adata.obs:
@@ -327,7 +327,7 @@ def sample_replicates(
         if true_spot is not None:
             obs["true_spot"] = true_spot[idx]
         obs["replicate"] = r
-        rep = ad.AnnData(X=x, obs=obs, var=adata.var[[]].copy())
+        rep = ad.AnnData(X=x, obs=obs, var=adata.var.copy())
         rep.uns["ssa_simulation"] = {"replicate": r, "seed": int(seed), "log1p": bool(log1p)}
         replicates.append(rep)
     return replicates
@@ -482,7 +482,7 @@ def write_simulation(
     meta = {
         "n_spots": int(spots.n_obs),
         "n_genes": int(spots.n_vars),
-        "n_cells": int(len(truth)),
+        "n_cells": len(truth),
         "n_replicates": len(replicates),
         "cells_per_replicate": [int(rep.n_obs) for rep in replicates],
         **{k: v for k, v in spots.uns.get("ssa_simulation", {}).items()},

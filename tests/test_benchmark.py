@@ -9,7 +9,13 @@ import pytest
 from typer.testing import CliRunner
 
 from ssa_dask import peers
-from ssa_dask.benchmark import BenchmarkConfig, markdown_table, run_benchmark, score_mapping, write_outputs
+from ssa_dask.benchmark import (
+    BenchmarkConfig,
+    markdown_table,
+    run_benchmark,
+    score_mapping,
+    write_outputs,
+)
 from ssa_dask.simulate import synthetic_tissue
 
 
@@ -104,8 +110,8 @@ def test_benchmark_end_to_end(tissue, tmp_path, monkeypatch):
 
 
 def test_cli_simulate_and_benchmark(tissue, tmp_path):
-    from ssa_dask.cli._app import app
     from ssa_dask.cli import evaluate  # noqa: F401  (registers the commands)
+    from ssa_dask.cli._app import app
 
     path = tmp_path / "tissue.h5ad"
     tissue.write_h5ad(path)

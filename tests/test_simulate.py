@@ -63,6 +63,10 @@ def test_bin_to_spots_dense_dask_and_layer_agree():
     lazy.X = da.from_array(lazy.X, chunks=(2, 3))
     lazy_spots, _ = bin_to_spots(lazy, spot_size=1.0)
     np.testing.assert_allclose(lazy_spots.X, sparse_spots.X.toarray(), rtol=1e-6)
+    lazy_rep = sample_replicates(lazy, n_replicates=1, n_cells=4, seed=1)[0]
+    eager_rep = sample_replicates(_tiny(sparse=False), n_replicates=1, n_cells=4, seed=1)[0]
+    assert isinstance(lazy_rep.X, np.ndarray)
+    np.testing.assert_allclose(lazy_rep.X, eager_rep.X)
 
     layered = _tiny()
     layered.layers["counts"] = layered.X * 2

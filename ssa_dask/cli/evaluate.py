@@ -59,7 +59,12 @@ def simulate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
 ) -> None:
     """Cut a slide into grid spots (mean expression, centroid) and draw replicate scRNA-seq sets with their true spots."""
-    from ssa_dask.simulate import bin_to_spots, sample_replicates, truth_table, write_simulation
+    from ssa_dask.simulate import (
+        bin_to_spots,
+        sample_replicates,
+        truth_table,
+        write_simulation,
+    )
 
     console = Console(stderr=True)
     try:
@@ -111,7 +116,12 @@ def benchmark(
     A method that is unavailable (missing optional dependency) or fails is reported in the tables
     with its reason; the run goes on.
     """
-    from ssa_dask.benchmark import BenchmarkConfig, config_dict, run_benchmark, write_outputs
+    from ssa_dask.benchmark import (
+        BenchmarkConfig,
+        config_dict,
+        run_benchmark,
+        write_outputs,
+    )
 
     console = Console(stderr=True)
     log = logging.getLogger("ssa_dask")
