@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import typer
+from rich.console import Console
+
+#: Where commands print messages and errors (stderr, so results on stdout stay clean).
+console = Console(stderr=True)
 
 app = typer.Typer(
     name="ssa-dask",
@@ -11,3 +15,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print ``error: message`` without a traceback and exit with ``code``."""
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)

@@ -13,10 +13,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from ssa_dask.cli._app import app
+from ssa_dask.cli._app import app, console, fail
 from ssa_dask.errors import OutputExistsError, SSAError
 
-console = Console(stderr=True)
 log = logging.getLogger("ssa_dask")
 
 
@@ -46,12 +45,6 @@ def setup_logging(verbose: bool) -> None:
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("distributed"):
             logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print an error without a traceback and exit."""
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
 
 
 def refuse_existing(path: Path, overwrite: bool) -> None:

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from ssa_dask.cli._app import app
+from ssa_dask.cli._app import app, fail
 from ssa_dask.errors import OutputExistsError, SSAError, SSAInputError
 
 _ALL = "ssa,distmap,spaotsc,tangram,seurat,novosparc,moscot,random"
@@ -80,8 +80,7 @@ def simulate(
         params = {"input": input.name, "seed": seed, "fraction": fraction, "n_cells_per_replicate": n_cells, "log1p": log1p}
         write_simulation(out_dir, spots, reps, truth, overwrite=overwrite, params=params)
     except SSAError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(code=2) from err
+        fail(str(err))
     side = spots.uns["ssa_simulation"]["spot_size"]
     console.print(
         f"{adata.n_obs:,} cells -> {spots.n_obs:,} spots of side {side:.4g} "
@@ -163,8 +162,7 @@ def benchmark(
         }
         (out_dir / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     except SSAError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(code=2) from err
+        fail(str(err))
     finally:
         for h in handlers:
             log.removeHandler(h)

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ssa_dask.cli._app import app
+from ssa_dask.cli._app import app, fail
 from ssa_dask.errors import SSAError
 from ssa_dask.synth import SynthParams, write_synth
 
@@ -63,8 +63,7 @@ def synth(
                 on_chunk=lambda done, _total: progress.update(task, completed=done),
             )
     except SSAError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(code=2) from err
+        fail(str(err))
     console.print(
         f"wrote {paths.cells} ({cells:,} x {genes:,}) and {paths.spots} ({spots:,} x {genes:,}) "
         f"in {time.perf_counter() - start:.1f} s"
