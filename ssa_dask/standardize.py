@@ -63,7 +63,7 @@ def _block_moments(block: Any) -> np.ndarray:
     if sp.issparse(block):
         values = block.data.astype(np.float64, copy=False)
         finite = np.isfinite(values)
-        clean = block.copy().astype(np.float64)
+        clean = block.astype(np.float64)  # a copy (scipy copies by default)
         clean.data[~finite] = 0.0
         gene_sum = np.asarray(clean.sum(axis=0)).ravel()
         gene_sumsq = np.asarray(clean.multiply(clean).sum(axis=0)).ravel()

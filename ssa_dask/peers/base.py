@@ -13,6 +13,7 @@ To compare them fairly, every peer
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 import time
@@ -44,6 +45,27 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+def not_installed(packages: dict[str, str], install: str) -> str | None:
+    """Why a peer cannot run: the packages whose modules are not found (looked up, not imported).
+
+    Parameters
+    ----------
+    packages : dict
+        Package name (as installed) -> module name (as imported).
+    install : str
+        The command that installs them, quoted in the reason.
+
+    Returns
+    -------
+    str or None
+        ``None`` when every module is found.
+    """
+    missing = [package for package, module in packages.items() if importlib.util.find_spec(module) is None]
+    if not missing:
+        return None
+    return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed ({install})"
 
 
 class PeerUnavailableError(SSAError, RuntimeError):

@@ -13,7 +13,6 @@ Install: ``pip install moscot`` (brings JAX, OTT-JAX; CPU is enough).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from typing import Any
 
@@ -21,7 +20,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ssa_dask.peers.base import PeerProblem, assignment_from_plan, pca_scores
+from ssa_dask.peers.base import (
+    PeerProblem,
+    assignment_from_plan,
+    not_installed,
+    pca_scores,
+)
 
 NAME = "moscot"
 DENSE_INPUT = True
@@ -29,9 +33,7 @@ DENSE_INPUT = True
 
 def unavailable() -> str | None:
     """``None`` when moscot is installed (looked up, not imported)."""
-    if importlib.util.find_spec("moscot") is None:
-        return "moscot is not installed (pip install moscot)"
-    return None
+    return not_installed({"moscot": "moscot"}, "pip install moscot")
 
 
 def load() -> None:

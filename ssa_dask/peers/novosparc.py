@@ -14,7 +14,6 @@ Install: ``pip install novosparc``.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 from typing import Any
 
@@ -22,7 +21,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ssa_dask.peers.base import PeerProblem, assignment_from_plan, check_dense_memory
+from ssa_dask.peers.base import (
+    PeerProblem,
+    assignment_from_plan,
+    check_dense_memory,
+    not_installed,
+)
 
 NAME = "novosparc"
 DENSE_INPUT = True
@@ -30,9 +34,7 @@ DENSE_INPUT = True
 
 def unavailable() -> str | None:
     """``None`` when novosparc is installed (looked up, not imported)."""
-    if importlib.util.find_spec("novosparc") is None:
-        return "novosparc is not installed (pip install novosparc)"
-    return None
+    return not_installed({"novosparc": "novosparc"}, "pip install novosparc")
 
 
 def load() -> None:

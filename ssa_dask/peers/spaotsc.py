@@ -30,12 +30,18 @@ limit this method to modest numbers of cells (thousands), as in the paper.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import numpy as np
 
-from ssa_dask.peers.base import PeerProblem, assignment_from_plan, check_dense_memory, pca_scores, pearson_matrix
+from ssa_dask.peers.base import (
+    PeerProblem,
+    assignment_from_plan,
+    check_dense_memory,
+    not_installed,
+    pca_scores,
+    pearson_matrix,
+)
 
 NAME = "spaotsc"
 DENSE_INPUT = True
@@ -43,9 +49,7 @@ DENSE_INPUT = True
 
 def unavailable() -> str | None:
     """``None`` when POT is installed."""
-    if importlib.util.find_spec("ot") is None:
-        return "POT is not installed (pip install pot)"
-    return None
+    return not_installed({"POT": "ot"}, "pip install pot")
 
 
 def load() -> None:

@@ -12,7 +12,6 @@ then ``pip install tangram-sc``.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import logging
 from typing import Any
@@ -22,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ssa_dask.peers.base import PeerProblem, assignment_from_plan
+from ssa_dask.peers.base import PeerProblem, assignment_from_plan, not_installed
 
 NAME = "tangram"
 DENSE_INPUT = True
@@ -32,12 +31,7 @@ _INSTALL = "pip install torch==2.13.0 tangram-sc (CPU torch is enough)"
 
 def unavailable() -> str | None:
     """``None`` when torch and tangram-sc are installed (looked up, not imported)."""
-    missing = [
-        pkg for pkg, mod in (("torch", "torch"), ("tangram-sc", "tangram")) if importlib.util.find_spec(mod) is None
-    ]
-    if missing:
-        return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed ({_INSTALL})"
-    return None
+    return not_installed({"torch": "torch", "tangram-sc": "tangram"}, _INSTALL)
 
 
 def load() -> None:
