@@ -216,8 +216,14 @@ def connect(
                     **options,
                 )
             )
-        elif scheduler in ("slurm", "kubernetes"):
-            cluster = stack.enter_context(_remote_cluster(scheduler, n_workers or 1, options))
+        elif scheduler == "slurm":
+            from ssa_dask._slurm import slurm_cluster
+
+            cluster = stack.enter_context(slurm_cluster(n_workers or 1, options))
+        elif scheduler == "kubernetes":
+            from ssa_dask._kubernetes import kubernetes_cluster
+
+            cluster = stack.enter_context(kubernetes_cluster(n_workers or 1, options))
         else:
             cluster = scheduler
         client = stack.enter_context(Client(cluster))
@@ -225,19 +231,3 @@ def connect(
         yield Executor(client, progress=progress)
 
 
-@contextlib.contextmanager
-def _remote_cluster(kind: str, n_workers: int, options: dict[str, Any]) -> Iterator[Any]:
-    try:
-        if kind == "slurm":
-            from dask_jobqueue import SLURMCluster as cluster_class
-        else:
-            from dask_kubernetes.operator import KubeCluster as cluster_class
-    except ImportError as exc:
-        extra = "slurm" if kind == "slurm" else "kubernetes"
-        raise SSAInputError(f"scheduler {kind!r} needs `pip install 'ssa_dask[{extra}]'` ({exc})") from exc
-    cluster = cluster_class(**options)
-    try:
-        cluster.scale(n_workers)
-        yield cluster
-    finally:
-        cluster.close()
