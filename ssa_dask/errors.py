@@ -15,6 +15,10 @@ class SSAInputError(SSAError, ValueError):
     """The input data cannot be aligned as given (the message says why)."""
 
 
+class SSAClusterError(SSAError):
+    """The Dask cluster could not be started or reached (the message gives the scheduler's reason)."""
+
+
 class OutputExistsError(SSAError, FileExistsError):
     """The output path exists and ``overwrite`` was not requested."""
 
