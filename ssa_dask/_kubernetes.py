@@ -10,7 +10,8 @@ from ssa_dask.errors import SSAInputError
 
 
 @contextlib.contextmanager
-def kubernetes_cluster(n_workers: int, options: dict[str, Any]) -> Iterator[Any]:
+def kubernetes_cluster(n_workers: int, options: dict[str, Any], *, insecure: bool = False,
+                       timeout: float = 600.0) -> Iterator[Any]:
     """A ``dask_kubernetes.operator.KubeCluster`` scaled to ``n_workers``, closed on exit.
 
     Parameters

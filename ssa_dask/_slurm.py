@@ -10,7 +10,8 @@ from ssa_dask.errors import SSAInputError
 
 
 @contextlib.contextmanager
-def slurm_cluster(n_workers: int, options: dict[str, Any]) -> Iterator[Any]:
+def slurm_cluster(n_workers: int, options: dict[str, Any], *, insecure: bool = False,
+                  timeout: float = 600.0) -> Iterator[Any]:
     """A ``dask_jobqueue.SLURMCluster`` scaled to ``n_workers`` jobs, closed (jobs cancelled) on exit.
 
     Parameters

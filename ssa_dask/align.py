@@ -12,7 +12,7 @@ import xarray as xr
 
 from ssa_dask.assign import assignment_dataset
 from ssa_dask.cluster import Executor, connect
-from ssa_dask.cost import PearsonCost, cost_blocks
+from ssa_dask.cost import cost_blocks, lazy_pearson_cost
 from ssa_dask.errors import SSAInputError
 from ssa_dask.genes import select_genes
 from ssa_dask.io import ExpressionMatrix, read_expression
@@ -160,18 +160,19 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
              len(selection.missing_in_spots), len(selection.constant))
     cell_cols = cells.genes.get_indexer(genes)
     spot_cols = spot_matrix.genes.get_indexer(genes)
-    (spot_values,) = executor.compute(spot_matrix.select_genes(genes).X)
-    spot_values = spot_values.toarray() if hasattr(spot_values, "toarray") else np.asarray(spot_values)
-    cost = PearsonCost.from_statistics(cell_summary.mean[cell_cols], cell_summary.std[cell_cols], spot_values,
-                                       spot_summary.mean[spot_cols], spot_summary.std[spot_cols])
+    cost = lazy_pearson_cost(cell_summary.mean[cell_cols], cell_summary.std[cell_cols],
+                             spot_matrix.select_genes(genes).X, spot_summary.mean[spot_cols], spot_summary.std[spot_cols])
 
     rows = block_rows or default_block_rows(n_cells, n_spots, len(genes), executor.n_threads(), cells.X.chunks[0][0])
     X = cells.select_genes(genes).rechunk_rows(rows).X
     storage = _choose_storage(kernel_storage, n_cells * n_spots * 4, memory_budget or executor.memory_bytes())
     log.info("kernel %d x %d float32 (%.2f GB) in %s, %d blocks of %d cells", n_cells, n_spots,
              n_cells * n_spots * 4 / 1e9, storage, math.ceil(n_cells / rows), rows)
-    kernel = build_kernel(cost_blocks(X, cost), executor, lam=None if eps is not None else lam, eps=eps,
-                          log_domain=log_domain, storage=storage, path=kernel_path)
+    fingerprint = _fingerprint(cell_summary, spot_summary, genes, lam, eps, log_domain, rows)
+    kernel = build_kernel(cost_blocks(X, cost, n_spots), executor, lam=None if eps is not None else lam, eps=eps,
+                          log_domain=log_domain, storage=storage, path=kernel_path,
+                          checkpoint=checkpoint if storage == "zarr" else None, fingerprint=fingerprint)
+    finished = False
     try:
         p = kernel.row_vector(_masses(cell_summary.row_totals, marginals), executor)
         q = _masses(spot_summary.row_totals, marginals)
@@ -184,8 +185,10 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
         if saver is not None and result.converged:
             saver.path.unlink(missing_ok=True)
         top_spot, top_probability, f = kernel.top_k(p, result.g, top_k, executor)
+        finished = result.converged
     finally:
-        kernel.close()
+        # A checkpointed run that did not finish keeps its kernel store for the resumed run.
+        kernel.close(keep_store=checkpoint is not None and not finished)
     attrs = {
         "method": "SSA",
         "lam": kernel.lam,
@@ -198,6 +201,7 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
         "log_domain": int(result.log_domain),
         "marginals": marginals,
         "kernel_storage": storage,
+        "kernel_reused": int(kernel.reused),
         "n_genes_requested": n_genes,
         "n_genes_used": len(genes),
         "genes_missing_in_spots": selection.missing_in_spots,
@@ -230,6 +234,21 @@ def _choose_storage(requested: str, kernel_bytes: int, budget: int) -> str:
     if requested != "auto":
         raise SSAInputError(f"kernel_storage must be 'auto', 'memory' or 'zarr', got {requested!r}")
     return "memory" if kernel_bytes <= MEMORY_SHARE_FOR_KERNEL * budget else "zarr"
+
+
+def _fingerprint(cells: MatrixSummary, spots: MatrixSummary, genes: pd.Index, lam: float, eps: float | None,
+                 log_domain: Any, rows: int) -> str:
+    """Identity of the kernel a run builds: the data (through their exact per-row and per-gene
+    sums), the genes, the regularisation and the blocking.  A kept kernel store is reused only by a
+    run of the same fingerprint."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for summary in (cells, spots):
+        for values in (summary.row_totals, summary.gene_sum, summary.gene_sumsq):
+            digest.update(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+    digest.update(repr((list(map(str, genes)), lam, eps, str(log_domain), rows)).encode())
+    return digest.hexdigest()
 
 
 def _masses(totals: np.ndarray, marginals: str) -> np.ndarray:

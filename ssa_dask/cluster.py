@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import dask
 import psutil
 from dask.callbacks import Callback
 
-from ssa_dask.errors import SSAInputError
+from ssa_dask.errors import SSAClusterError, SSAInputError
 
 log = logging.getLogger(__name__)
 
 #: Names accepted by :func:`connect` besides a scheduler address or a ``distributed.Client``.
 SCHEDULERS = ("threads", "local", "slurm", "kubernetes")
+_ADDRESS = re.compile(r"^([a-z]+://[^\s]+|[A-Za-z0-9.\-]+:\d+)$")
 
 
 class Executor:
@@ -154,6 +157,50 @@ class _RichProgress(Callback):
         self._bar.advance(self._task)
 
 
+def check_scheduler(scheduler: Any) -> None:
+    """Refuse a ``scheduler`` value that :func:`connect` cannot use, before anything starts.
+
+    Raises
+    ------
+    SSAInputError
+        Neither one of :data:`SCHEDULERS`, an address (``tcp://``, ``tls://``, ``ucx://``, ``inproc://``
+        or ``host:port``), a ``distributed.Client`` nor None.
+    """
+    if scheduler is None or not isinstance(scheduler, str) or scheduler in SCHEDULERS:
+        return
+    if _ADDRESS.match(scheduler):
+        return
+    raise SSAInputError(
+        f"unknown scheduler {scheduler!r}: use one of {', '.join(SCHEDULERS)} or a scheduler address such as "
+        "tcp://host:8786 or tls://host:8786"
+    )
+
+
+def tls_security(ca_file: str | None, cert: str | None, key: str | None) -> Any:
+    """A ``distributed.Security`` for a ``tls://`` scheduler from certificate files, or None.
+
+    Without files, ``distributed`` reads the dask configuration (``distributed.comm.tls.*``,
+    e.g. ``DASK_DISTRIBUTED__COMM__TLS__CA_FILE``), which is also how a site usually ships them.
+
+    Raises
+    ------
+    SSAInputError
+        Only some of the files given, or a file missing.
+    """
+    given = [v for v in (ca_file, cert, key) if v]
+    if not given:
+        return None
+    if len(given) != 3:
+        raise SSAInputError("TLS needs all of --tls-ca-file, --tls-cert and --tls-key")
+    for value in given:
+        if not Path(value).is_file():
+            raise SSAInputError(f"TLS credential file not found: {value}")
+    from distributed import Security
+
+    return Security(tls_ca_file=str(Path(ca_file).resolve()), tls_client_cert=str(Path(cert).resolve()),
+                    tls_client_key=str(Path(key).resolve()), require_encryption=True)
+
+
 @contextlib.contextmanager
 def connect(
     scheduler: Any = None,
@@ -162,6 +209,10 @@ def connect(
     threads_per_worker: int | None = None,
     memory_limit: str | int | None = None,
     cluster_options: dict[str, Any] | None = None,
+    security: Any = None,
+    insecure: bool = False,
+    dashboard_address: str | None = None,
+    timeout: float = 30.0,
     progress: bool = False,
 ) -> Iterator[Executor]:
     """Open the Dask backend named by ``scheduler`` and close what was started here on exit.
@@ -170,23 +221,39 @@ def connect(
     ----------
     scheduler
         ``None`` or ``"threads"``: this process's threads. ``"local"``: an embedded
-        ``distributed.LocalCluster`` of worker processes. ``"slurm"``: a
-        ``dask_jobqueue.SLURMCluster`` (options from ``cluster_options`` or the dask config
-        ``jobqueue.slurm``, see ``deploy/slurm``). ``"kubernetes"``: a ``dask_kubernetes``
-        operator ``KubeCluster`` (see ``deploy/kubernetes``). A string like
-        ``"tcp://host:8786"``: an existing scheduler. A ``distributed.Client``: used as is.
+        ``distributed.LocalCluster`` of worker processes, listening on 127.0.0.1 only.
+        ``"slurm"``: a ``dask_jobqueue.SLURMCluster`` (TLS with temporary credentials unless
+        ``insecure``; see ``deploy/slurm``). ``"kubernetes"``: a ``dask_kubernetes`` operator
+        ``KubeCluster`` (TLS from a Secret unless ``insecure``; see ``deploy/kubernetes``).
+        An address such as ``"tls://host:8786"`` or ``"tcp://host:8786"``: an existing scheduler.
+        A ``distributed.Client``: used as is.
     n_workers, threads_per_worker, memory_limit
         Size of a cluster started here (``local``: default one worker per core, one thread each;
-        ``slurm``/``kubernetes``: number of workers to scale to).
+        ``slurm``/``kubernetes``: number of workers to start).
     cluster_options
         Extra keyword arguments for the cluster class.
+    security : distributed.Security, optional
+        Credentials for a ``tls://`` scheduler (see :func:`tls_security`; default: the dask config).
+    insecure : bool
+        Allow unencrypted, unauthenticated schedulers that others on the network can reach
+        (SLURM/Kubernetes without TLS, a ``tcp://`` scheduler on another host); logged loudly.
+    dashboard_address : str, optional
+        Where the embedded cluster's dashboard listens (default ``127.0.0.1:0``, a free loopback port).
+    timeout : float
+        Seconds to wait for a scheduler to answer and for its first worker.
     progress
         Show progress bars.
 
     Yields
     ------
     Executor
+
+    Raises
+    ------
+    SSAClusterError
+        The scheduler cannot be reached, refuses the connection, or has no worker in time.
     """
+    check_scheduler(scheduler)
     options = dict(cluster_options or {})
     if scheduler is None or scheduler == "threads":
         executor = Executor(None, progress=progress)
@@ -200,34 +267,79 @@ def connect(
     if isinstance(scheduler, Client):
         yield Executor(scheduler, progress=progress)
         return
-    if not isinstance(scheduler, str):
-        raise SSAInputError(f"scheduler must be one of {SCHEDULERS}, an address or a distributed.Client")
+    if insecure:
+        log.warning("--insecure: the Dask scheduler accepts unencrypted connections; anyone who can reach it can "
+                    "run code as this user")
     with contextlib.ExitStack() as stack:
         if scheduler == "local":
-            from distributed import LocalCluster
-
-            cores = psutil.cpu_count() or 1
-            cluster = stack.enter_context(
-                LocalCluster(
-                    n_workers=n_workers or cores,
-                    threads_per_worker=threads_per_worker or 1,
-                    memory_limit=memory_limit if memory_limit is not None else "auto",
-                    dashboard_address=options.pop("dashboard_address", ":0"),
-                    **options,
-                )
-            )
-        elif scheduler == "slurm":
-            from ssa_dask._slurm import slurm_cluster
-
-            cluster = stack.enter_context(slurm_cluster(n_workers or 1, options))
-        elif scheduler == "kubernetes":
-            from ssa_dask._kubernetes import kubernetes_cluster
-
-            cluster = stack.enter_context(kubernetes_cluster(n_workers or 1, options))
+            cluster = stack.enter_context(_local_cluster(n_workers, threads_per_worker, memory_limit, dashboard_address,
+                                                         options))
+            client = stack.enter_context(Client(cluster))
+        elif scheduler in ("slurm", "kubernetes"):
+            if scheduler == "slurm":
+                from ssa_dask._slurm import slurm_cluster as start
+            else:
+                from ssa_dask._kubernetes import kubernetes_cluster as start
+            cluster = stack.enter_context(start(n_workers or 1, options, insecure=insecure, timeout=timeout))
+            client = stack.enter_context(Client(cluster))
         else:
-            cluster = scheduler
-        client = stack.enter_context(Client(cluster))
+            client = stack.enter_context(_client_for_address(scheduler, security, insecure, timeout))
+        if client.dashboard_link:
+            log.info("Dask dashboard: %s", client.dashboard_link)
         log.info("running on %s", client)
         yield Executor(client, progress=progress)
 
 
+def _local_cluster(n_workers: int | None, threads_per_worker: int | None, memory_limit: Any,
+                   dashboard_address: str | None, options: dict[str, Any]) -> Any:
+    """An embedded LocalCluster whose scheduler, workers and dashboard listen on loopback only."""
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=n_workers or psutil.cpu_count() or 1,
+        threads_per_worker=threads_per_worker or 1,
+        memory_limit=memory_limit if memory_limit is not None else "auto",
+        host=options.pop("host", "127.0.0.1"),
+        dashboard_address=dashboard_address or options.pop("dashboard_address", "127.0.0.1:0"),
+        silence_logs=logging.ERROR,
+        **options,
+    )
+
+
+@contextlib.contextmanager
+def _client_for_address(address: str, security: Any, insecure: bool, timeout: float) -> Iterator[Any]:
+    """A client of an existing scheduler, failing fast with the reason instead of hanging."""
+    from distributed import Client
+
+    if address.startswith("tls://") and security is None and not _tls_configured():
+        raise SSAInputError(
+            f"{address} needs TLS credentials: pass --tls-ca-file, --tls-cert and --tls-key (API: "
+            "security=ssa_dask.cluster.tls_security(...)) or set dask's distributed.comm.tls.* configuration"
+        )
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    if address.startswith("tcp://") and host not in ("127.0.0.1", "localhost", "[::1]") and not insecure:
+        log.warning("%s is unencrypted: anyone who can reach that scheduler can run code as its user; prefer tls://",
+                    address)
+    try:
+        client = Client(address, security=security, timeout=f"{timeout}s")
+    except (OSError, TimeoutError) as exc:
+        raise SSAClusterError(f"cannot connect to the Dask scheduler at {address} within {timeout:g} s: "
+                              f"{_first_line(exc)}") from None
+    try:
+        try:
+            client.wait_for_workers(1, timeout=timeout)
+        except TimeoutError:
+            raise SSAClusterError(f"the Dask scheduler at {address} has no worker after {timeout:g} s; start "
+                                  "workers with `dask worker " + address + "`") from None
+        yield client
+    finally:
+        client.close()
+
+
+def _tls_configured() -> bool:
+    return bool(dask.config.get("distributed.comm.tls.ca-file", None))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -20,6 +20,7 @@ import dask
 import dask.array as da
 import numpy as np
 import scipy.sparse as sp
+from dask.delayed import Delayed
 
 from ssa_dask.errors import SSAInputError
 
@@ -60,7 +61,7 @@ class PearsonCost:
         ----------
         cell_mean, cell_std : (G,) arrays
             Per-gene mean and standard deviation over cells (``std > 0``).
-        spot_values : (S, G) array
+        spot_values : (S, G) array or sparse matrix
             Spot expression over the selected genes.
         spot_mean, spot_std : (G,) arrays
             Per-gene mean and standard deviation over spots (``std > 0``).
@@ -70,7 +71,8 @@ class PearsonCost:
         SSAInputError
             A spot's z-profile is constant over genes (its correlation is undefined).
         """
-        z = (np.asarray(spot_values, dtype=np.float64) - spot_mean) / spot_std
+        dense = spot_values.toarray() if sp.issparse(spot_values) else spot_values
+        z = (np.asarray(dense, dtype=np.float64) - spot_mean) / spot_std
         z -= z.mean(axis=1, keepdims=True)
         norms = np.linalg.norm(z, axis=1)
         constant = np.flatnonzero(norms <= 1e-10 * np.sqrt(z.shape[1]))
@@ -126,23 +128,58 @@ class PearsonCost:
         return rho
 
 
-def cost_blocks(X: da.Array, cost: PearsonCost) -> da.Array:
+def lazy_pearson_cost(
+    cell_mean: np.ndarray, cell_std: np.ndarray, spot_X: da.Array, spot_mean: np.ndarray, spot_std: np.ndarray
+) -> Delayed:
+    """A :class:`PearsonCost` built where it is needed, from the lazy spot matrix.
+
+    The spot profiles (genes x spots, e.g. 80 MB at 5,000 x 4,000) are computed on a worker from the
+    spot matrix's own lazy reader, so they never travel inside the task graph, and a worker that
+    dies with them is recovered by recomputing them from the same graph (nothing is scattered).
+
+    Parameters
+    ----------
+    cell_mean, cell_std : (G,) arrays
+        Per-gene statistics over cells.
+    spot_X : dask.array.Array
+        ``(S, G)`` spot expression over the selected genes (dense or CSR chunks).
+    spot_mean, spot_std : (G,) arrays
+        Per-gene statistics over spots.
+
+    Returns
+    -------
+    dask.delayed.Delayed
+        Evaluates to the :class:`PearsonCost`.
+    """
+    build = dask.delayed(PearsonCost.from_statistics, pure=True)
+    return build(np.asarray(cell_mean), np.asarray(cell_std), spot_X, np.asarray(spot_mean), np.asarray(spot_std),
+                 dask_key_name=f"pearson-cost-{dask.base.tokenize(cell_mean, cell_std, spot_X, spot_mean, spot_std)}")
+
+
+def cost_blocks(X: da.Array, cost: PearsonCost | Delayed, n_spots: int | None = None) -> da.Array:
     """Lazy row blocks of the cost matrix ``D`` (cells x spots, float32).
 
     Parameters
     ----------
     X : dask.array.Array
         ``(n_cells, G)`` cells over the selected genes, chunked along rows only.
-    cost : PearsonCost
+    cost : PearsonCost or dask.delayed.Delayed
+        The cost, or a lazy one from :func:`lazy_pearson_cost`.
+    n_spots : int, optional
+        Number of spots; required when ``cost`` is lazy.
 
     Returns
     -------
     dask.array.Array
         ``(n_cells, S)`` with the row chunks of ``X``.
     """
-    shared = dask.delayed(cost, pure=True)  # one graph key: sent once per worker, not once per block
+    if isinstance(cost, PearsonCost):
+        n_spots = cost.n_spots
+        cost = dask.delayed(cost, pure=True)  # one graph key: sent once per worker, not once per block
+    elif n_spots is None:
+        raise ValueError("n_spots is required with a lazy cost")
     return X.map_blocks(
-        _cost_of_block, shared, dtype=np.float32, chunks=(X.chunks[0], (cost.n_spots,)),
+        _cost_of_block, cost, dtype=np.float32, chunks=(X.chunks[0], (n_spots,)),
         meta=np.empty((0, 0), np.float32),
     )
 

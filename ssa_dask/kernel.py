@@ -2,8 +2,8 @@
 
 A :class:`Kernel` holds the row blocks of ``K = exp(-D / eps)`` (kernel domain) or of the cost
 ``D`` itself (log domain).  A block is a NumPy array in this process, a ``distributed`` future
-whose data sits in a worker's memory, or a :class:`ZarrBlock` read from a Zarr store by whichever
-task needs it.  The Sinkhorn loop only calls :meth:`Kernel.column_marginal`, one task per block
+whose data sits in a worker's memory, or a :class:`~ssa_dask.kernel_store.StoredBlock` of a kernel
+store on disk, memory-mapped by whichever task needs it.  The Sinkhorn loop only calls :meth:`Kernel.column_marginal`, one task per block
 and one fused pass over each block per iteration, so it never knows where the blocks are.
 
 Blocks on a cluster are computed from a graph (never scattered), so a lost worker's blocks are
@@ -13,8 +13,6 @@ recomputed from lineage.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,6 +25,7 @@ import numpy as np
 from ssa_dask import _kernels
 from ssa_dask.cluster import Executor
 from ssa_dask.errors import SSAInputError
+from ssa_dask.kernel_store import COST_ARRAY, KERNEL_ARRAY, KernelStore, StoredBlock, local_directory
 
 log = logging.getLogger(__name__)
 
@@ -37,40 +36,8 @@ LOG_DOMAIN_BELOW_LAM = 0.02
 Storage = Literal["memory", "zarr"]
 
 
-@dataclass(frozen=True)
-class ZarrBlock:
-    """Rows ``start:stop`` of an uncompressed float32 Zarr array: one chunk, read by the task using it.
-
-    The kernel store is written by :func:`build_kernel` through Zarr without compression, so each
-    chunk file holds the rows as raw little-endian float32 (edge chunks padded to the full chunk
-    shape).  Reading memory-maps that file: from the page cache this runs at memory bandwidth,
-    about 15 times faster than decoding through the Zarr API here.  A chunk that Zarr left
-    unwritten (all fill value) reads as zeros.
-    """
-
-    path: str
-    chunk: str
-    start: int
-    stop: int
-    chunk_rows: int
-    n_columns: int
-
-    @property
-    def file(self) -> Path:
-        """The chunk file."""
-        return Path(self.path) / self.chunk
-
-    def load(self, writable: bool = False) -> np.ndarray:
-        """The block's rows (a memory map of the chunk file)."""
-        rows = self.stop - self.start
-        if not self.file.exists():
-            return np.zeros((rows, self.n_columns), dtype=np.float32)
-        mapped = np.memmap(self.file, dtype="<f4", mode="r+" if writable else "r", shape=(self.chunk_rows, self.n_columns))
-        return mapped[:rows]
-
-
 def _resolve(block: Any) -> np.ndarray:
-    return block.load() if isinstance(block, ZarrBlock) else block
+    return block.load() if isinstance(block, StoredBlock) else block
 
 
 @dataclass
@@ -80,7 +47,8 @@ class Kernel:
     Attributes
     ----------
     blocks : list
-        One handle per row block: NumPy array, ``distributed.Future`` or :class:`ZarrBlock`;
+        One handle per row block: NumPy array, ``distributed.Future`` or
+        :class:`~ssa_dask.kernel_store.StoredBlock`;
         each holds float32 ``K = exp(-D/eps)`` rows, or ``D`` rows when ``log_domain``.
     bounds : (n_blocks + 1,) int array
         Row offsets of the blocks.
@@ -94,8 +62,10 @@ class Kernel:
         ``max D`` over all entries (``lam = eps / max_cost``).
     storage : {"memory", "zarr"}
         Where the blocks live.
-    path : pathlib.Path or None
-        The directory of the Zarr store when ``storage == "zarr"`` (removed by :meth:`close`).
+    store : KernelStore or None
+        The kernel store on disk when ``storage == "zarr"`` (removed by :meth:`close`).
+    reused : bool
+        Whether the blocks come from a complete store kept for a checkpoint (not rebuilt).
     """
 
     blocks: list[Any]
@@ -105,7 +75,8 @@ class Kernel:
     log_domain: bool
     max_cost: float
     storage: Storage = "memory"
-    path: Path | None = None
+    store: KernelStore | None = None
+    reused: bool = False
     _groups: list[list[int]] | None = field(default=None, repr=False)
 
     @property
@@ -237,12 +208,12 @@ class Kernel:
         self._groups = groups
         return groups
 
-    def close(self) -> None:
-        """Release the blocks; remove the Zarr store of the blocks."""
+    def close(self, keep_store: bool = False) -> None:
+        """Release the blocks and remove the kernel store, unless ``keep_store`` (kept for a resume)."""
         self.blocks = []
         self._groups = None
-        if self.path is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
+        if self.store is not None and not keep_store:
+            self.store.remove()
 
 
 def _split(indices: list[int], parts: int) -> list[list[int]]:
@@ -325,19 +296,21 @@ def _block_stats(block: Any) -> np.ndarray:
     return np.array([finite_max, nan_rows.size, nan_rows[0] if nan_rows.size else -1], dtype=np.float64)
 
 
-def _store_block(block: np.ndarray, path: str, block_info: dict | None = None) -> np.ndarray:
-    import zarr
-
-    (start, stop), _ = block_info[0]["array-location"]
-    zarr.open_array(path, mode="r+")[start:stop] = block
+def _store_block(block: np.ndarray, targets: list[StoredBlock], block_info: dict | None = None) -> np.ndarray:
+    """Write a cost block to its chunk of the store (atomically; a retry writes the same bytes)."""
+    targets[block_info[0]["chunk-location"][0]].write(block)
     return _block_stats(block)[None, :]
 
 
-def _exp_stored_block(block: ZarrBlock, eps: float) -> None:
-    if block.file.exists():
-        values = block.load(writable=True)
-        _to_kernel(values, eps)
-        values.flush()
+def _exp_stored_block(cost: StoredBlock, kernel: StoredBlock, eps: float) -> None:
+    """Turn a stored cost chunk into its kernel chunk; idempotent, so a retried task is harmless.
+
+    The kernel chunk is written beside its name and renamed into place before the cost chunk is
+    removed: a task that runs again finds the kernel chunk complete and only tidies up.
+    """
+    if not kernel.is_complete():
+        kernel.write(_to_kernel(np.array(cost.load()), eps))
+    cost.remove()
 
 
 def _to_kernel(cost: np.ndarray, eps: float) -> np.ndarray:
@@ -389,6 +362,8 @@ def build_kernel(
     log_domain: bool | Literal["auto"] = "auto",
     storage: Storage = "memory",
     path: str | Path | None = None,
+    checkpoint: str | None = None,
+    fingerprint: str | None = None,
 ) -> Kernel:
     """Materialise the kernel from lazy cost blocks, in worker memory or in Zarr.
 
@@ -411,9 +386,14 @@ def build_kernel(
     storage : {"memory", "zarr"}
         Hold blocks in worker memory, or write them to a Zarr store streamed each iteration.
     path : path, optional
-        Directory in which the Zarr store of ``storage="zarr"`` is created (default: the system's
+        Directory in which the kernel store of ``storage="zarr"`` is created (default: the system's
         temporary directory); :meth:`Kernel.close` removes the store.  On a multi-machine cluster it
-        must be on storage every worker reads.
+        must be on a file system every worker mounts; URLs are refused.
+    checkpoint : str, optional
+        Checkpoint file of the run: the store is named after it and kept when the run is cut off, and
+        a complete store of the same ``fingerprint`` is reused instead of rebuilt.
+    fingerprint : str, optional
+        Identity of the problem (data, genes, regularisation) that a kept store must match.
 
     Returns
     -------
@@ -438,33 +418,37 @@ def build_kernel(
                       max_cost=max_cost, storage="memory")
     if storage != "zarr":
         raise SSAInputError(f"kernel storage must be 'memory' or 'zarr', got {storage!r}")
-    import zarr
-
-    if path is not None:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="ssa-kernel-", dir=path))
-    store = root / "kernel.zarr"
-    chunk_rows = int(cost.chunks[0][0])
-    array = zarr.create_array(str(store), shape=cost.shape, chunks=(chunk_rows, n_spots), dtype="float32",
-                              compressors=None, filters=None, overwrite=True)
-    encode = array.metadata.chunk_key_encoding.encode_chunk_key
+    parent = local_directory(path, "kernel_path")
+    if checkpoint is not None and fingerprint is not None:
+        kept = KernelStore.open_complete(parent, checkpoint, fingerprint)
+        if kept is not None:
+            store, manifest = kept
+            log.info("reusing the complete kernel store %s of the checkpointed run", store.root)
+            blocks = store.blocks(COST_ARRAY if manifest["log_domain"] else KERNEL_ARRAY)
+            return Kernel(blocks=blocks, bounds=bounds, n_spots=n_spots, eps=manifest["eps"],
+                          log_domain=manifest["log_domain"], max_cost=manifest["max_cost"], storage="zarr", store=store,
+                          reused=True)
+    store = KernelStore.create(parent, cost.shape, bounds, checkpoint=checkpoint)
     try:
-        stats_array = cost.map_blocks(_store_block, str(store), dtype=np.float64,
+        cost_targets = store.blocks(COST_ARRAY)
+        stats_array = cost.map_blocks(_store_block, cost_targets, dtype=np.float64,
                                       chunks=((1,) * cost.numblocks[0], (3,)), meta=np.empty((0, 0)))
-        (stats,) = executor.compute(stats_array, label="cost -> zarr")
+        (stats,) = executor.compute(stats_array, label="cost -> kernel store")
         max_cost = _max_cost(stats, bounds)
         eps_value = _resolve_eps(max_cost, lam, eps)
         use_log = _choose_domain(log_domain, eps_value, max_cost)
-        blocks = [ZarrBlock(str(store), encode((i, 0)), int(a), int(b), chunk_rows, n_spots)
-                  for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
-        if not use_log:
-            executor.map(_exp_stored_block, blocks, eps=eps_value)
+        if use_log:
+            blocks = cost_targets
+        else:
+            blocks = store.blocks(KERNEL_ARRAY)
+            executor.map(_exp_stored_block, cost_targets, blocks, eps=eps_value)
+        store.mark_complete({"fingerprint": fingerprint, "eps": eps_value, "max_cost": max_cost, "log_domain": use_log})
     except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
+        store.remove()
         raise
-    log.info("kernel blocks in Zarr at %s (%.2f GB)", store, cost.size * 4 / 1e9)
+    log.info("kernel blocks in %s (%.2f GB)", store.root, cost.size * 4 / 1e9)
     return Kernel(blocks=blocks, bounds=bounds, n_spots=n_spots, eps=eps_value, log_domain=use_log, max_cost=max_cost,
-                  storage="zarr", path=root)
+                  storage="zarr", store=store)
 
 
 def kernel_from_array(

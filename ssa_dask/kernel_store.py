@@ -1,0 +1,355 @@
+"""The on-disk store of kernel row blocks: safe under task retry, preemption and tampering.
+
+A kernel store is a directory on a POSIX file system (local scratch, or a shared file system on a
+multi-machine cluster) that holds two uncompressed float32 Zarr arrays with one chunk per row
+block: ``cost.zarr`` (``D``, written by the first construction pass) and ``kernel.zarr``
+(``K = exp(-D/eps)``, written by the second).  Every chunk file is written beside its final name
+and renamed into place, and each pass is a pure function of its input chunk, so a task that
+Dask retries (a lost worker, a preempted node) writes the same bytes again; the second pass reads
+``cost`` and writes ``kernel`` (never in place) and removes the cost chunk only once the kernel
+chunk is in place, so applying it twice is harmless.
+
+Reading memory-maps a chunk file after checking that it exists and has the size of a full chunk:
+a missing or truncated chunk raises :class:`KernelStoreError` naming the store, never reads as
+zeros.  The arrays' codecs are checked to be the plain little-endian ``bytes`` codec before any
+chunk is mapped.
+
+``owner.json`` records the host and process that made the store, so stores of runs that died
+(SIGKILL, a node that went away) are found and removed by the next run on that host
+(:func:`sweep_stale_stores`).  A store kept for a checkpoint records that too and is reused by the
+resumed run when its ``manifest.json`` says it is complete and matches the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from ssa_dask.errors import SSAError, SSAInputError
+
+log = logging.getLogger(__name__)
+
+#: Prefix of every kernel store directory.
+STORE_PREFIX = "ssa-kernel-"
+OWNER_FILE = "owner.json"
+MANIFEST_FILE = "manifest.json"
+COST_ARRAY = "cost.zarr"
+KERNEL_ARRAY = "kernel.zarr"
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class KernelStoreError(SSAError):
+    """A kernel store on disk is missing, damaged or not of the expected layout."""
+
+
+def local_directory(path: str | os.PathLike | None, what: str) -> Path | None:
+    """``path`` as an absolute local directory path; URLs are refused.
+
+    Kernel blocks are memory-mapped, which needs a file system (local, or shared such as NFS/Lustre/
+    GPFS on a multi-machine cluster); an object-store URL would otherwise become a local folder
+    named ``s3:``.
+
+    Raises
+    ------
+    SSAInputError
+        ``path`` is a URL or an existing non-directory.
+    """
+    if path is None:
+        return None
+    text = os.fspath(path)
+    if _URL.match(text):
+        raise SSAInputError(
+            f"{what} {text!r} is a URL; the kernel store is memory-mapped and needs a file system every worker "
+            "mounts (local scratch, or NFS/Lustre/GPFS on a cluster)"
+        )
+    resolved = Path(text).expanduser().resolve()
+    if resolved.exists() and not resolved.is_dir():
+        raise SSAInputError(f"{what} {resolved} exists and is not a directory")
+    return resolved
+
+
+@dataclass(frozen=True)
+class StoredBlock:
+    """Rows ``start:stop`` of one array of a kernel store: one chunk file, read where it is needed.
+
+    Attributes
+    ----------
+    store : str
+        The kernel store directory (named in errors).
+    array : str
+        ``"cost.zarr"`` or ``"kernel.zarr"``.
+    chunk : str
+        The chunk key (file path relative to the array).
+    start, stop : int
+        Rows of the block.
+    chunk_rows : int
+        Rows of a full chunk (edge chunks are stored padded to it).
+    n_columns : int
+        Columns (spots).
+    """
+
+    store: str
+    array: str
+    chunk: str
+    start: int
+    stop: int
+    chunk_rows: int
+    n_columns: int
+
+    @property
+    def file(self) -> Path:
+        """The chunk file."""
+        return Path(self.store) / self.array / self.chunk
+
+    @property
+    def nbytes(self) -> int:
+        """Size of a complete chunk file."""
+        return self.chunk_rows * self.n_columns * 4
+
+    def is_complete(self) -> bool:
+        """Whether the chunk file exists with the size of a full chunk."""
+        try:
+            return self.file.stat().st_size == self.nbytes
+        except FileNotFoundError:
+            return False
+
+    def load(self) -> np.ndarray:
+        """The block's rows, memory-mapped read-only.
+
+        Raises
+        ------
+        KernelStoreError
+            The chunk file is missing or not of the size of a full chunk.
+        """
+        try:
+            size = self.file.stat().st_size
+        except FileNotFoundError:
+            raise KernelStoreError(
+                f"kernel store {self.store}: chunk {self.array}/{self.chunk} (rows {self.start}:{self.stop}) is missing; "
+                "the store was removed or modified while the run used it"
+            ) from None
+        if size != self.nbytes:
+            raise KernelStoreError(
+                f"kernel store {self.store}: chunk {self.array}/{self.chunk} (rows {self.start}:{self.stop}) has "
+                f"{size} bytes, expected {self.nbytes} (truncated or foreign file)"
+            )
+        mapped = np.memmap(self.file, dtype="<f4", mode="r", shape=(self.chunk_rows, self.n_columns))
+        return mapped[: self.stop - self.start]
+
+    def write(self, values: np.ndarray) -> None:
+        """Write the block's rows atomically (beside the chunk file, then renamed into place)."""
+        rows = self.stop - self.start
+        if values.shape != (rows, self.n_columns):
+            raise ValueError(f"block of shape {values.shape}, expected {(rows, self.n_columns)}")
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_name(f".{self.file.name}.partial-{uuid.uuid4().hex[:8]}")
+        padded = np.zeros((self.chunk_rows, self.n_columns), dtype="<f4")
+        padded[:rows] = values
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(padded.data)
+            os.replace(tmp, self.file)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        """Delete the chunk file (idempotent)."""
+        self.file.unlink(missing_ok=True)
+
+
+class KernelStore:
+    """A directory holding the cost and kernel arrays of one run.
+
+    Parameters
+    ----------
+    root : Path
+        The store directory (``ssa-kernel-*``).
+    shape : (int, int)
+        ``(n_cells, n_spots)``.
+    bounds : array of int
+        Row offsets of the blocks; every block but the last has ``chunk_rows`` rows.
+    """
+
+    def __init__(self, root: Path, shape: tuple[int, int], bounds: np.ndarray) -> None:
+        self.root = root
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.bounds = np.asarray(bounds, dtype=np.int64)
+        self.chunk_rows = int(self.bounds[1] - self.bounds[0]) if len(self.bounds) > 1 else 1
+
+    @classmethod
+    def create(cls, parent: Path | None, shape: tuple[int, int], bounds: np.ndarray, *,
+               checkpoint: str | None = None) -> KernelStore:
+        """Make a new store under ``parent`` (the system's temporary directory by default).
+
+        Stale stores of dead runs under ``parent`` are removed first.  With ``checkpoint`` the
+        store is named after the checkpoint file, so a resumed run finds it.
+        """
+        import tempfile
+
+        parent = parent or Path(tempfile.gettempdir())
+        parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_stores(parent)
+        if checkpoint is not None:
+            root = parent / checkpoint_store_name(checkpoint)
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+        else:
+            root = parent / f"{STORE_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            root.mkdir()
+        _write_json(root / OWNER_FILE, _owner_record(checkpoint))
+        store = cls(root, shape, bounds)
+        for name in (COST_ARRAY, KERNEL_ARRAY):
+            store._create_array(name)
+        return store
+
+    @classmethod
+    def open_complete(cls, parent: Path | None, checkpoint: str, fingerprint: str) -> tuple[KernelStore, dict] | None:
+        """The complete store kept for ``checkpoint`` if it matches ``fingerprint``, else None."""
+        import tempfile
+
+        root = (parent or Path(tempfile.gettempdir())) / checkpoint_store_name(checkpoint)
+        manifest_path = root / MANIFEST_FILE
+        if not manifest_path.exists():
+            return None
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            return None
+        if manifest.get("fingerprint") != fingerprint:
+            log.info("kernel store %s is for another problem; rebuilding it", root)
+            return None
+        store = cls(root, tuple(manifest["shape"]), np.asarray(manifest["bounds"]))
+        array = KERNEL_ARRAY if not manifest["log_domain"] else COST_ARRAY
+        store.check_layout(array)
+        incomplete = [b for b in store.blocks(array) if not b.is_complete()]
+        if incomplete:
+            log.warning("kernel store %s lacks %d chunk(s); rebuilding it", root, len(incomplete))
+            return None
+        _write_json(root / OWNER_FILE, _owner_record(checkpoint))
+        return store, manifest
+
+    def _create_array(self, name: str) -> None:
+        import zarr
+
+        zarr.create_array(str(self.root / name), shape=self.shape, chunks=(self.chunk_rows, self.shape[1]),
+                          dtype="float32", compressors=None, filters=None, fill_value=0.0, overwrite=True)
+        self.check_layout(name)
+
+    def check_layout(self, name: str) -> None:
+        """Check that an array stores raw little-endian float32 chunks of the blocks' shape.
+
+        Raises
+        ------
+        KernelStoreError
+            Other codecs (compression, sharding), dtype or chunk shape: the chunk files could not be
+            memory-mapped as raw rows.
+        """
+        import zarr
+        from zarr.codecs import BytesCodec
+
+        path = self.root / name
+        try:
+            array = zarr.open_array(str(path), mode="r")
+        except Exception as exc:  # noqa: BLE001 - any failure to open means a damaged store
+            raise KernelStoreError(f"kernel store {self.root}: cannot open {name}: {exc}") from exc
+        meta = array.metadata
+        codecs = getattr(meta, "codecs", ())
+        plain = (len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
+                 and getattr(codecs[0].endian, "value", codecs[0].endian) == "little")
+        chunk_shape = tuple(getattr(meta.chunk_grid, "chunk_shape", ()))
+        if not plain or str(array.dtype) != "float32" or chunk_shape != (self.chunk_rows, self.shape[1]) \
+                or tuple(array.shape) != self.shape:
+            raise KernelStoreError(
+                f"kernel store {self.root}/{name} has codecs {codecs}, dtype {array.dtype}, chunks {chunk_shape}, "
+                f"shape {array.shape}; expected uncompressed little-endian float32 chunks of "
+                f"{(self.chunk_rows, self.shape[1])} and shape {self.shape}"
+            )
+
+    def blocks(self, name: str) -> list[StoredBlock]:
+        """One :class:`StoredBlock` per row block of array ``name``."""
+        import zarr
+
+        encode = zarr.open_array(str(self.root / name), mode="r").metadata.chunk_key_encoding.encode_chunk_key
+        return [StoredBlock(str(self.root), name, encode((i, 0)), int(a), int(b), self.chunk_rows, self.shape[1])
+                for i, (a, b) in enumerate(zip(self.bounds[:-1], self.bounds[1:]))]
+
+    def mark_complete(self, manifest: dict[str, Any]) -> None:
+        """Record that the kernel is complete (for reuse by a resumed run)."""
+        record = dict(manifest, shape=list(self.shape), bounds=self.bounds.tolist(), completed=time.time())
+        _write_json(self.root / MANIFEST_FILE, record)
+
+    def remove(self) -> None:
+        """Delete the whole store."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def checkpoint_store_name(checkpoint: str) -> str:
+    """Directory name of the kernel store kept for a checkpoint file (stable across runs)."""
+    import hashlib
+
+    digest = hashlib.sha1(str(Path(checkpoint).resolve()).encode()).hexdigest()[:12]
+    return f"{STORE_PREFIX}checkpoint-{digest}"
+
+
+def _owner_record(checkpoint: str | None) -> dict[str, Any]:
+    process = psutil.Process()
+    return {"host": socket.gethostname(), "pid": process.pid, "pid_started": process.create_time(),
+            "created": time.time(), "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None}
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as handle:
+        json.dump(record, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _owner_alive(owner: dict[str, Any]) -> bool:
+    try:
+        process = psutil.Process(int(owner["pid"]))
+        return abs(process.create_time() - float(owner["pid_started"])) < 1.0
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False
+
+
+def sweep_stale_stores(parent: Path) -> list[Path]:
+    """Remove the kernel stores under ``parent`` left by runs that died on this host.
+
+    A store is stale when its ``owner.json`` names this host and a process that no longer runs, and
+    it is not kept for a checkpoint file that still exists (a preempted run resumes from it).
+    Stores of other hosts (on a shared file system) are left alone.
+
+    Returns
+    -------
+    list of Path
+        The stores removed.
+    """
+    removed = []
+    host = socket.gethostname()
+    for root in parent.glob(f"{STORE_PREFIX}*"):
+        try:
+            owner = json.loads((root / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if owner.get("host") != host or _owner_alive(owner):
+            continue
+        if owner.get("checkpoint") and Path(owner["checkpoint"]).exists():
+            continue
+        shutil.rmtree(root, ignore_errors=True)
+        removed.append(root)
+        log.info("removed the kernel store of a run that ended without cleaning up: %s", root)
+    return removed
