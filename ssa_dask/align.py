@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -17,6 +18,7 @@ from ssa_dask.errors import SSAInputError
 from ssa_dask.genes import select_genes
 from ssa_dask.io import ExpressionMatrix, read_expression
 from ssa_dask.kernel import build_kernel
+from ssa_dask.kernel_store import local_directory
 from ssa_dask.sinkhorn import DEFAULT_MAX_ITER, DEFAULT_TOL, Checkpoint, sinkhorn
 from ssa_dask.standardize import MatrixSummary, summarize
 
@@ -133,6 +135,8 @@ def align(
         raise SSAInputError(f"top_k must be at least 1, got {top_k}")
     if marginals not in ("total", "uniform"):
         raise SSAInputError(f"marginals must be 'total' or 'uniform', got {marginals!r}")
+    _check_scratch(kernel_path, checkpoint, block_rows)
+    checkpoint = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
     cells = read_expression(sc, layer=sc_layer, gene_key=gene_key, log1p=log1p, role="scRNA")
     spot_matrix = read_expression(spots, layer=spots_layer, gene_key=gene_key, log1p=log1p, role="spots")
     with connect(client, progress=progress) as executor:
@@ -234,6 +238,15 @@ def _choose_storage(requested: str, kernel_bytes: int, budget: int) -> str:
     if requested != "auto":
         raise SSAInputError(f"kernel_storage must be 'auto', 'memory' or 'zarr', got {requested!r}")
     return "memory" if kernel_bytes <= MEMORY_SHARE_FOR_KERNEL * budget else "zarr"
+
+
+def _check_scratch(kernel_path: str | None, checkpoint: str | None, block_rows: int | None) -> None:
+    """Refuse scratch locations and blockings that cannot work, before anything is read or started."""
+    local_directory(kernel_path, "kernel_path")
+    if checkpoint is not None:
+        local_directory(Path(checkpoint).parent, "checkpoint directory")
+    if block_rows is not None and block_rows < 1:
+        raise SSAInputError(f"block_rows must be at least 1, got {block_rows}")
 
 
 def _fingerprint(cells: MatrixSummary, spots: MatrixSummary, genes: pd.Index, lam: float, eps: float | None,

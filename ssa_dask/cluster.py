@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -292,18 +294,37 @@ def connect(
 
 def _local_cluster(n_workers: int | None, threads_per_worker: int | None, memory_limit: Any,
                    dashboard_address: str | None, options: dict[str, Any]) -> Any:
-    """An embedded LocalCluster whose scheduler, workers and dashboard listen on loopback only."""
+    """An embedded LocalCluster whose scheduler, workers and dashboard listen on loopback only.
+
+    Its worker processes ignore SIGINT: Ctrl-C in a terminal reaches the whole process group, and
+    only this process should act on it (close the cluster cleanly) instead of every worker dying
+    with a traceback mid-task.
+    """
     from distributed import LocalCluster
 
-    return LocalCluster(
-        n_workers=n_workers or psutil.cpu_count() or 1,
-        threads_per_worker=threads_per_worker or 1,
-        memory_limit=memory_limit if memory_limit is not None else "auto",
-        host=options.pop("host", "127.0.0.1"),
-        dashboard_address=dashboard_address or options.pop("dashboard_address", "127.0.0.1:0"),
-        silence_logs=logging.ERROR,
-        **options,
-    )
+    with _children_ignore_sigint():
+        return LocalCluster(
+            n_workers=n_workers or psutil.cpu_count() or 1,
+            threads_per_worker=threads_per_worker or 1,
+            memory_limit=memory_limit if memory_limit is not None else "auto",
+            host=options.pop("host", "127.0.0.1"),
+            dashboard_address=dashboard_address or options.pop("dashboard_address", "127.0.0.1:0"),
+            silence_logs=logging.ERROR,
+            **options,
+        )
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Ignore SIGINT while child processes start (they inherit the disposition), then restore it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

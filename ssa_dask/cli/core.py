@@ -14,7 +14,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from ssa_dask.cli._app import app, console, fail
-from ssa_dask.errors import OutputExistsError, SSAError
+from ssa_dask.errors import OutputExistsError, SSAError, SSAInputError
 
 log = logging.getLogger("ssa_dask")
 
@@ -73,51 +73,132 @@ def align_command(
     eps: float | None = typer.Option(None, help="Absolute eps (overrides --lam)."),
     tol: float = typer.Option(1e-6, help="Stop when the marginal L1 error is below this."),
     max_iter: int = typer.Option(2000, help="Iteration cap."),
+    strict: bool = typer.Option(False, "--strict", help="Exit with code 3 when Sinkhorn does not converge."),
     top_k: int = typer.Option(1, help="Best spots reported per cell."),
     marginals: str = typer.Option("total", help="'total' (per-row totals, the method) or 'uniform'."),
     log_domain: Domain = typer.Option(Domain.auto, help="Sinkhorn domain."),
     kernel_storage: Storage = typer.Option(Storage.auto, help="Kernel blocks in worker memory or streamed from Zarr."),
-    kernel_path: Path | None = typer.Option(None, help="Directory for the temporary Zarr store of kernel blocks (removed after the run)."),
+    kernel_path: Path | None = typer.Option(None, help="Scratch directory for the kernel store (removed after the run; shared file system on a multi-node cluster)."),
     block_rows: int | None = typer.Option(None, help="Cells per block (default: ~128 MiB blocks)."),
-    checkpoint: Path | None = typer.Option(None, help="Save Sinkhorn state here every 10 iterations; resume from it if present."),
+    checkpoint: Path | None = typer.Option(None, help="Save Sinkhorn state here every 10 iterations; a rerun resumes from it and reuses the kernel store."),
     log1p: bool = typer.Option(False, "--log1p", help="Apply log(1+x) to both matrices first."),
     sc_layer: str | None = typer.Option(None, help="AnnData layer of the scRNA matrix."),
     spots_layer: str | None = typer.Option(None, help="AnnData layer of the spot matrix."),
     gene_key: str | None = typer.Option(None, help="var column holding gene names."),
-    scheduler: str = typer.Option("local", help="'local' (embedded LocalCluster), 'threads', 'slurm', 'kubernetes', or a scheduler address."),
+    scheduler: str = typer.Option("local", help="'local' (embedded LocalCluster), 'threads', 'slurm', 'kubernetes', or a scheduler address (tls://host:8786)."),
     n_workers: int | None = typer.Option(None, help="Workers of a cluster started here."),
     threads_per_worker: int | None = typer.Option(None, help="Threads per worker of a LocalCluster."),
     memory_limit: str | None = typer.Option(None, help="Memory limit per worker, e.g. '8GiB'."),
     cluster_config: Path | None = typer.Option(None, help="YAML file of keyword arguments for the SLURM/Kubernetes cluster."),
+    connect_timeout: float | None = typer.Option(None, help="Seconds to wait for the scheduler and its workers (default 30; 600 for slurm/kubernetes)."),
+    tls_ca_file: Path | None = typer.Option(None, help="CA certificate of a tls:// scheduler."),
+    tls_cert: Path | None = typer.Option(None, help="Client certificate for a tls:// scheduler."),
+    tls_key: Path | None = typer.Option(None, help="Client key for a tls:// scheduler."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow schedulers without TLS that others can reach (SLURM/Kubernetes)."),
+    dashboard_address: str | None = typer.Option(None, help="Dashboard of the embedded cluster (default 127.0.0.1, a free port)."),
     obs_out: Path | None = typer.Option(None, help="Also write the result as AnnData obs columns (an obs-only .h5ad)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
-    """Align every cell of SC to a spot of SPOTS and write the assignment to OUT."""
+    """Align every cell of SC to a spot of SPOTS and write the assignment to OUT.
+
+    Everything that can be checked is checked before a cluster starts: inputs open, outputs
+    writable and distinct, options in range, room for the kernel store.
+    """
     import ssa_dask
-    from ssa_dask.assign import write_result
-    from ssa_dask.cluster import connect
+    from ssa_dask.cluster import connect, tls_security
 
     setup_logging(verbose)
-    refuse_existing(out, overwrite)
-    if obs_out is not None:
-        refuse_existing(obs_out, overwrite)
     domain = {"auto": "auto", "log": True, "kernel": False}[log_domain.value]
     try:
-        with connect(scheduler, progress=True, **_cluster_kwargs(n_workers, threads_per_worker, memory_limit, cluster_config)) as executor:
+        cells, spot_matrix, security = _preflight(
+            sc, spots, out, obs_out, checkpoint, kernel_path, kernel_storage.value, overwrite,
+            options={"--lam": lam, "--eps": eps, "--tol": tol, "--max-iter": max_iter, "--top-k": top_k,
+                     "--block-rows": block_rows, "--n-genes": n_genes},
+            scheduler=scheduler, n_workers=n_workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+            read=dict(log1p=log1p, sc_layer=sc_layer, spots_layer=spots_layer, gene_key=gene_key),
+            tls=(tls_ca_file, tls_cert, tls_key), tls_security=tls_security,
+        )
+        cluster_kwargs = _cluster_kwargs(n_workers, threads_per_worker, memory_limit, cluster_config)
+        if connect_timeout is not None:
+            cluster_kwargs["timeout"] = connect_timeout
+        elif scheduler in ("slurm", "kubernetes"):
+            cluster_kwargs["timeout"] = 600.0
+        with connect(scheduler, progress=True, security=security, insecure=insecure,
+                     dashboard_address=dashboard_address, **cluster_kwargs) as executor:
             result = ssa_dask.align(
-                str(sc), str(spots), n_genes=n_genes, lam=lam, eps=eps, marginals=marginals, tol=tol, max_iter=max_iter,
-                log_domain=domain, top_k=top_k, block_rows=block_rows, kernel_storage=kernel_storage.value,
-                kernel_path=str(kernel_path) if kernel_path else None, client=executor.client, sc_layer=sc_layer,
-                spots_layer=spots_layer, gene_key=gene_key, log1p=log1p, progress=True,
-                checkpoint=str(checkpoint) if checkpoint else None,
+                cells, spot_matrix, n_genes=n_genes, lam=lam, eps=eps, marginals=marginals, tol=tol,
+                max_iter=max_iter, log_domain=domain, top_k=top_k, block_rows=block_rows,
+                kernel_storage=kernel_storage.value, kernel_path=str(kernel_path) if kernel_path else None,
+                client=executor.client, progress=True, checkpoint=str(checkpoint) if checkpoint else None,
             )
-        write_result(result, str(out), overwrite=overwrite)
-        if obs_out is not None:
-            _write_obs(result, obs_out, overwrite)
+        _write_outputs(result, out, obs_out, overwrite)
     except (SSAError, OutputExistsError) as exc:
         fail(str(exc))
     _print_summary(result, out)
+    if strict and not result.attrs["converged"]:
+        fail(f"Sinkhorn did not converge in {result.attrs['n_iter']} iterations (--strict); the result was written "
+             f"to {out}", code=3)
+
+
+def _preflight(sc: Path, spots: Path, out: Path, obs_out: Path | None, checkpoint: Path | None,
+               kernel_path: Path | None, kernel_storage: str, overwrite: bool, *, options: dict[str, Any],
+               scheduler: str, n_workers: int | None, threads_per_worker: int | None, memory_limit: str | None,
+               read: dict[str, Any], tls: tuple[Path | None, ...], tls_security: Any) -> tuple[Any, Any, Any]:
+    """Every check that needs no cluster; returns the (lazily) opened inputs and the TLS credentials."""
+    from ssa_dask.cli import _checks
+    from ssa_dask.cluster import check_scheduler
+    from ssa_dask.io import check_writable, read_expression
+    from ssa_dask.kernel_store import local_directory
+
+    _checks.numeric_options(options)
+    _checks.memory_limit(memory_limit)
+    _checks.cluster_size(n_workers, threads_per_worker)
+    check_scheduler(scheduler)
+    security = tls_security(*(str(p) if p else None for p in tls))
+    _checks.distinct_outputs(**{"-o": out, "--obs-out": obs_out, "--checkpoint": checkpoint, "SC": sc, "SPOTS": spots})
+    check_writable(out, overwrite=overwrite, what="-o")
+    if obs_out is not None:
+        check_writable(obs_out, overwrite=overwrite, what="--obs-out")
+    if checkpoint is not None:
+        check_writable(checkpoint, overwrite=True, what="--checkpoint")
+    scratch = local_directory(kernel_path, "--kernel-path")
+    cells = read_expression(sc, layer=read["sc_layer"], gene_key=read["gene_key"], log1p=read["log1p"], role="scRNA")
+    spot_matrix = read_expression(spots, layer=read["spots_layer"], gene_key=read["gene_key"], log1p=read["log1p"],
+                                  role="spots")
+    if options["--top-k"] > spot_matrix.shape[0]:
+        raise SSAInputError(f"--top-k {options['--top-k']} exceeds the number of spots ({spot_matrix.shape[0]})")
+    if kernel_storage == "zarr":
+        _checks.kernel_disk_space(scratch, cells.shape[0], spot_matrix.shape[0])
+    return cells, spot_matrix, security
+
+
+def _write_outputs(result: Any, out: Path, obs_out: Path | None, overwrite: bool) -> None:
+    """Write the result; if that fails at this last step, keep it where the error message says."""
+    from ssa_dask.assign import write_result
+
+    try:
+        write_result(result, str(out), overwrite=overwrite)
+    except OSError as exc:
+        kept = _rescue(result, out)
+        raise SSAError(f"could not write {out}: {exc.strerror or exc}; the computed result was saved to {kept}") from exc
+    if obs_out is not None:
+        try:
+            _write_obs(result, obs_out, overwrite)
+        except OSError as exc:
+            raise SSAError(f"wrote {out}, but could not write --obs-out {obs_out}: {exc.strerror or exc}") from exc
+
+
+def _rescue(result: Any, out: Path) -> Path:
+    """Save a result that could not go to ``out`` into the temporary directory; return where."""
+    import tempfile
+    import uuid
+
+    from ssa_dask.assign import write_result
+
+    kept = Path(tempfile.gettempdir()) / f"ssa-result-{out.stem}-{uuid.uuid4().hex[:8]}.zarr"
+    write_result(result, str(kept))
+    return kept
 
 
 def _write_obs(result: Any, path: Path, overwrite: bool) -> None:
