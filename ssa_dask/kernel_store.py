@@ -80,6 +80,33 @@ def local_directory(path: str | os.PathLike | None, what: str) -> Path | None:
     return resolved
 
 
+def check_free_space(directory: Path | None, kernel_bytes: int) -> None:
+    """Refuse a kernel store that would not fit on the disk of ``directory`` (scratch by default).
+
+    The store peaks at one float32 copy of the cost matrix plus the chunks being converted; 5 %
+    is added for those.
+
+    Raises
+    ------
+    SSAInputError
+        Less free space than the store needs; the message says how much of each.
+    """
+    import tempfile
+
+    folder = Path(directory) if directory is not None else Path(tempfile.gettempdir())
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    needed = kernel_bytes * 1.05
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise SSAInputError(
+            f"the kernel store needs about {needed / 1e9:.1f} GB in {folder} but only {free / 1e9:.1f} GB are free; "
+            "point kernel_path (--kernel-path) at larger scratch, or keep the kernel in memory on a cluster with "
+            "enough of it"
+        )
+
+
 @dataclass(frozen=True)
 class StoredBlock:
     """Rows ``start:stop`` of one array of a kernel store: one chunk file, read where it is needed.
@@ -201,6 +228,7 @@ class KernelStore:
         parent = parent or Path(tempfile.gettempdir())
         parent.mkdir(parents=True, exist_ok=True)
         sweep_stale_stores(parent)
+        check_free_space(parent, shape[0] * shape[1] * 4)
         if checkpoint is not None:
             root = parent / checkpoint_store_name(checkpoint)
             shutil.rmtree(root, ignore_errors=True)

@@ -9,7 +9,6 @@ message names the problem and the option.
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -54,26 +53,6 @@ def distinct_outputs(**paths: Path | None) -> None:
         if resolved in seen:
             raise SSAInputError(f"{option} and {seen[resolved]} are the same path ({resolved}); give different paths")
         seen[resolved] = option
-
-
-def kernel_disk_space(directory: Path | None, n_cells: int, n_spots: int) -> None:
-    """Refuse a kernel store that would not fit on the disk of ``directory`` (scratch by default).
-
-    The store peaks at one float32 copy of the cost matrix plus the chunks being converted.
-    """
-    import tempfile
-
-    folder = Path(directory) if directory is not None else Path(tempfile.gettempdir())
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    needed = int(n_cells) * int(n_spots) * 4 * 1.05
-    free = shutil.disk_usage(probe).free
-    if needed > free:
-        raise SSAInputError(
-            f"the kernel store needs about {needed / 1e9:.1f} GB in {folder} but only {free / 1e9:.1f} GB are free; "
-            "point --kernel-path at larger scratch, or use --kernel-storage memory on a cluster with enough memory"
-        )
 
 
 def cluster_size(n_workers: int | None, threads_per_worker: int | None) -> None:

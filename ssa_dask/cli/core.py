@@ -149,7 +149,7 @@ def _preflight(sc: Path, spots: Path, out: Path, obs_out: Path | None, checkpoin
     from ssa_dask.cli import _checks
     from ssa_dask.cluster import check_scheduler
     from ssa_dask.io import check_writable, read_expression
-    from ssa_dask.kernel_store import local_directory
+    from ssa_dask.kernel_store import check_free_space, local_directory
 
     _checks.numeric_options(options)
     _checks.memory_limit(memory_limit)
@@ -169,7 +169,7 @@ def _preflight(sc: Path, spots: Path, out: Path, obs_out: Path | None, checkpoin
     if options["--top-k"] > spot_matrix.shape[0]:
         raise SSAInputError(f"--top-k {options['--top-k']} exceeds the number of spots ({spot_matrix.shape[0]})")
     if kernel_storage == "zarr":
-        _checks.kernel_disk_space(scratch, cells.shape[0], spot_matrix.shape[0])
+        check_free_space(scratch, cells.shape[0] * spot_matrix.shape[0] * 4)
     return cells, spot_matrix, security
 
 
