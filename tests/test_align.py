@@ -144,6 +144,22 @@ def test_drop_empty_cells_equals_aligning_without_them(counts_problem, tmp_path)
     assert (~cells.obs["ssa_assigned"].to_numpy()[empty]).all()
 
 
+def test_drop_empty_with_signed_input_corrects_the_gene_statistics(counts_problem):
+    """Under uniform marginals a signed row can sum to zero without being all zeros: it is dropped and its
+    values are taken out of the gene statistics, so the result is still that of the problem without it."""
+    sc, spots = counts_problem
+    centred = sc - sc.mean(0)
+    centred[[3, 150]] = 0.0
+    centred[200] = 0.0
+    centred[200, :2] = [2.5, -2.5]  # sums to zero, not empty
+    keep = np.setdiff1d(np.arange(len(sc)), [3, 150, 200])
+    ds = ssa_dask.align(centred, spots, n_genes=30, marginals="uniform", drop_empty=True, block_rows=64, tol=1e-7)
+    reference = ssa_dense(centred[keep], spots, n_genes=30, marginals="uniform", tol=1e-11)
+    assert ds.attrs["n_cells_dropped"] == 3
+    np.testing.assert_array_equal(ds["spot"].values[keep], reference.spot)
+    np.testing.assert_allclose(ds["probability"].values[keep], reference.probability, rtol=5e-4)
+
+
 def test_drop_empty_spots_keeps_input_spot_indices(counts_problem, caplog):
     sc, spots = (m.copy() for m in counts_problem)
     spots[[2, 10]] = 0.0
