@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import dask.array as da
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import xarray as xr
 
 from ssa_dask.assign import assignment_dataset
@@ -54,6 +57,7 @@ def align(
     spots_layer: str | None = None,
     gene_key: str | None = None,
     log1p: bool = False,
+    drop_empty: bool = False,
     progress: bool = False,
 ) -> xr.Dataset:
     """Align single cells to spatial spots with SSA.
@@ -114,6 +118,11 @@ def align(
         ``var`` column with gene names (both inputs).
     log1p : bool
         Apply ``log(1 + x)`` to both inputs first.
+    drop_empty : bool
+        Leave out cells and spots with zero total expression (empty rows) instead of refusing the
+        run: they are logged, excluded from the gene statistics and the transport problem, and
+        reported unassigned in the result (``assigned`` False, ``spot`` -1, ``spot_name`` "",
+        probabilities NaN).  The result still covers every input cell in input order.
     progress : bool
         Show progress bars.
 
@@ -122,9 +131,15 @@ def align(
     xarray.Dataset
         Over ``cell``: ``spot`` (index), ``spot_name``, ``probability``, ``spot_x``/``spot_y`` when the
         spots have coordinates, ``potential`` (row potential ``f``); over ``(cell, rank)``:
-        ``top_spot``, ``top_probability``; coordinate ``gene`` with the genes used; attrs with the run
-        record (``lam``, ``eps``, ``n_iter``, ``marginal_error``, ``converged``, ``log_domain``,
-        ``kernel_storage``, ``column_potential``).
+        ``top_spot``, ``top_probability``; ``assigned`` (False for cells left out by ``drop_empty``);
+        coordinate ``gene`` with the genes used; attrs with the run record (``lam``, ``eps``,
+        ``n_iter``, ``marginal_error``, ``converged``, ``log_domain``, ``kernel_storage``,
+        ``column_potential`` over the spots kept, ``n_cells_dropped``, ``n_spots_dropped``,
+        ``spots_dropped``).  ``spot`` and ``top_spot`` index the rows of the input spot matrix;
+        unassigned cells have ``spot`` -1, ``spot_name`` "" and NaN probabilities and coordinates.
+
+    Warnings are logged (logger ``ssa_dask.align``) for degenerate input: a row whose mass exceeds
+    ``MASS_WARN_OVER_MEDIAN`` times the median row mass, and cells or spots dropped as empty.
 
     Raises
     ------
@@ -143,20 +158,19 @@ def align(
         return _align(cells, spot_matrix, executor, n_genes=n_genes, lam=lam, eps=eps, marginals=marginals, tol=tol,
                       max_iter=max_iter, log_domain=log_domain, top_k=top_k, block_rows=block_rows,
                       kernel_storage=kernel_storage, kernel_path=kernel_path, memory_budget=memory_budget,
-                      init_g=init_g, checkpoint=checkpoint, progress=progress)
+                      init_g=init_g, checkpoint=checkpoint, progress=progress, drop_empty=drop_empty)
 
 
 def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Executor, *, n_genes, lam, eps, marginals,
            tol, max_iter, log_domain, top_k, block_rows, kernel_storage, kernel_path, memory_budget, init_g,
-           checkpoint, progress) -> xr.Dataset:
-    n_cells, n_spots = cells.shape[0], spot_matrix.shape[0]
+           checkpoint, progress, drop_empty=False) -> xr.Dataset:
     log.info("scRNA: %d cells x %d genes; spots: %d x %d genes", *cells.shape, *spot_matrix.shape)
+    inputs = _checked_inputs(cells, spot_matrix, executor, marginals, drop_empty)
+    cells, spot_matrix, cell_summary, spot_summary = inputs.cells, inputs.spots, inputs.cell_summary, inputs.spot_summary
+    n_cells, n_spots = cells.shape[0], spot_matrix.shape[0]
+    init_g = inputs.kept_spot_values(init_g)
     if top_k > n_spots:
         raise SSAInputError(f"top_k={top_k} exceeds the number of spots ({n_spots})")
-    cell_summary = summarize(cells.X, executor)
-    spot_summary = summarize(spot_matrix.X, executor)
-    _check_values(cell_summary, cells, "scRNA", marginals)
-    _check_values(spot_summary, spot_matrix, "spots", marginals)
 
     selection = select_genes(cells.genes, cell_summary.variance, spot_matrix.genes, spot_summary.variance, n_genes)
     genes = selection.genes
@@ -214,7 +228,7 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
         "column_potential": result.g.tolist(),
     }
     ds = assignment_dataset(top_spot, top_probability, cells.names, spot_matrix.names, spot_matrix.coords, f=f, attrs=attrs)
-    return ds.assign_coords(gene=np.asarray(genes, dtype=object))
+    return inputs.restore(ds.assign_coords(gene=np.asarray(genes, dtype=object)))
 
 
 def default_block_rows(n_cells: int, n_spots: int, n_genes: int, n_threads: int, stored_rows: int | None = None) -> int:
@@ -270,7 +284,12 @@ def _masses(totals: np.ndarray, marginals: str) -> np.ndarray:
     return totals / totals.sum()
 
 
-def _check_values(summary: MatrixSummary, matrix: ExpressionMatrix, role: str, marginals: str) -> None:
+def _check_values(summary: MatrixSummary, matrix: ExpressionMatrix, role: str, marginals: str,
+                  drop_empty: bool = False) -> np.ndarray:
+    """Refuse non-finite and (with ``marginals="total"``) negative values; return the empty rows.
+
+    Empty rows (zero total expression) raise unless ``drop_empty``; then their indices are returned.
+    """
     if summary.n_nonfinite:
         raise SSAInputError(f"{role}: {summary.n_nonfinite} NaN or infinite value(s) in the expression matrix")
     if summary.min_value < 0 and marginals == "total":
@@ -279,6 +298,188 @@ def _check_values(summary: MatrixSummary, matrix: ExpressionMatrix, role: str, m
             "non-negative counts or log-counts. Pass unscaled data, or marginals='uniform' for signed input"
         )
     empty = np.flatnonzero(summary.row_totals <= 0) if marginals == "total" else np.flatnonzero(summary.row_totals == 0)
-    if empty.size:
+    if empty.size and not drop_empty:
         names = list(pd.Index(matrix.names)[empty[:5]])
-        raise SSAInputError(f"{role}: {empty.size} row(s) with zero total expression (empty), e.g. {names}; remove them")
+        raise SSAInputError(
+            f"{role}: {empty.size} row(s) with zero total expression (empty), e.g. {names}; remove them, or pass "
+            "drop_empty=True (CLI: --drop-empty) to leave them out and report them unassigned"
+        )
+    return empty
+
+
+#: Fewest rows (cells, spots) SSA accepts: each gene is z-scored over the rows, which needs two.
+MIN_ROWS = 2
+#: A warning is logged when one row's mass (its total expression, ``marginals="total"``) exceeds
+#: this multiple of the median row mass.  Measured on the shared real slides, the largest row total
+#: is 1.4x (seqFISH, log-counts) and 6.5x (Xenium, raw counts) the median; library sizes of real
+#: cells span about one order of magnitude, so 100x leaves a 15-fold margin over the measured
+#: spread while flagging unit mix-ups, stuck values and overflow-sized entries (a single 3e38 entry
+#: "converged" in 2 iterations yet changed 35 % of the assignments).
+MASS_WARN_OVER_MEDIAN = 100.0
+
+
+@dataclass(frozen=True)
+class _CheckedInputs:
+    """The matrices SSA runs on after the value checks, and how to map the result back to the input."""
+
+    cells: ExpressionMatrix
+    spots: ExpressionMatrix
+    cell_summary: MatrixSummary
+    spot_summary: MatrixSummary
+    all_cell_names: pd.Index
+    kept_cells: np.ndarray
+    n_spots_input: int
+    kept_spots: np.ndarray
+    dropped_spot_names: list[str]
+
+    @property
+    def n_cells_dropped(self) -> int:
+        """Cells left out of the alignment."""
+        return len(self.all_cell_names) - self.kept_cells.size
+
+    def kept_spot_values(self, values: np.ndarray | None) -> np.ndarray | None:
+        """A per-spot vector of the input spots (e.g. ``init_g``) restricted to the spots kept."""
+        if values is None or self.kept_spots.size == self.n_spots_input:
+            return values
+        values = np.asarray(values)
+        return values[self.kept_spots] if values.shape == (self.n_spots_input,) else values
+
+    def restore(self, ds: xr.Dataset) -> xr.Dataset:
+        """The result over every input cell (in input order), spot indices into the input spot matrix."""
+        if self.kept_spots.size < self.n_spots_input:
+            ds = ds.assign(spot=ds["spot"].copy(data=self.kept_spots[ds["spot"].values]),
+                           top_spot=ds["top_spot"].copy(data=self.kept_spots[ds["top_spot"].values]))
+        n_all = len(self.all_cell_names)
+        assigned = np.zeros(n_all, dtype=bool)
+        assigned[self.kept_cells] = True
+        if self.kept_cells.size < n_all:
+            ds = _expand_cells(ds, self.kept_cells, n_all).assign_coords(cell=np.asarray(self.all_cell_names, dtype=object))
+        ds["assigned"] = ("cell", assigned)
+        ds["assigned"].attrs["description"] = "False for cells left out as empty (drop_empty): no spot, NaN probability"
+        ds.attrs.update(n_cells_dropped=self.n_cells_dropped, n_spots_dropped=self.n_spots_input - self.kept_spots.size,
+                        spots_dropped=self.dropped_spot_names)
+        return ds
+
+
+def _checked_inputs(cells: ExpressionMatrix, spots: ExpressionMatrix, executor: Executor, marginals: str,
+                    drop_empty: bool) -> _CheckedInputs:
+    """Summarise both matrices in one pass each, check their values and sizes, drop empty rows if asked."""
+    _check_row_count(cells.shape[0], "scRNA", "cell")
+    _check_row_count(spots.shape[0], "spots", "spot")
+    cell_summary = summarize(cells.X, executor)
+    spot_summary = summarize(spots.X, executor)
+    empty_cells = _check_values(cell_summary, cells, "scRNA", marginals, drop_empty)
+    empty_spots = _check_values(spot_summary, spots, "spots", marginals, drop_empty)
+    all_cell_names, n_spots_input = pd.Index(cells.names), spots.shape[0]
+    kept_cells = _without(cells.shape[0], empty_cells)
+    kept_spots = _without(n_spots_input, empty_spots)
+    dropped_spot_names = [str(n) for n in pd.Index(spots.names)[empty_spots]]
+    if empty_cells.size:
+        log.warning("drop_empty: %d of %d cells have zero total expression and are left unassigned (e.g. %s)",
+                    empty_cells.size, len(all_cell_names), list(all_cell_names[empty_cells[:5]]))
+        cells, cell_summary = _drop_rows(cells, cell_summary, kept_cells, executor)
+    if empty_spots.size:
+        log.warning("drop_empty: %d of %d spots have zero total expression and were left out (e.g. %s)",
+                    empty_spots.size, n_spots_input, dropped_spot_names[:5])
+        spots, spot_summary = _drop_rows(spots, spot_summary, kept_spots, executor)
+    _check_row_count(cell_summary.n_rows, "scRNA", "cell", after_drop=empty_cells.size)
+    _check_row_count(spot_summary.n_rows, "spots", "spot", after_drop=empty_spots.size)
+    if marginals == "total":
+        _warn_dominant_mass(cell_summary.row_totals, cells.names, "scRNA")
+        _warn_dominant_mass(spot_summary.row_totals, spots.names, "spots")
+    return _CheckedInputs(cells=cells, spots=spots, cell_summary=cell_summary, spot_summary=spot_summary,
+                          all_cell_names=all_cell_names, kept_cells=kept_cells,
+                          n_spots_input=n_spots_input, kept_spots=kept_spots,
+                          dropped_spot_names=dropped_spot_names)
+
+
+def _check_row_count(n_rows: int, role: str, row: str, after_drop: int = 0) -> None:
+    if n_rows >= MIN_ROWS:
+        return
+    left = f" after dropping {after_drop} empty {row}(s)" if after_drop else ""
+    if n_rows == 0:
+        raise SSAInputError(f"{role}: no {row}s{left} (0 rows): nothing to align")
+    raise SSAInputError(
+        f"{role}: only {n_rows} {row}{left}; SSA z-scores every gene over the {row}s, which needs at least "
+        f"{MIN_ROWS} {row}s" + (" (and with one spot every cell would map to it)" if row == "spot" else "")
+    )
+
+
+def _without(n_rows: int, dropped: np.ndarray) -> np.ndarray:
+    keep = np.ones(n_rows, dtype=bool)
+    keep[dropped] = False
+    return np.flatnonzero(keep)
+
+
+def _drop_rows(matrix: ExpressionMatrix, summary: MatrixSummary, kept: np.ndarray,
+               executor: Executor) -> tuple[ExpressionMatrix, MatrixSummary]:
+    """The matrix without its empty rows (a lazy blockwise row take, CSR blocks stay CSR) and its statistics.
+
+    Empty rows add nothing to the per-gene sums and sums of squares when they hold only zeros; a
+    row that sums to zero over signed values (``marginals="uniform"``) is subtracted from them.
+    """
+    n_rows = matrix.shape[0]
+    keep = np.zeros(n_rows, dtype=bool)
+    keep[kept] = True
+    dropped = np.flatnonzero(~keep)
+    gene_sum, gene_sumsq = summary.gene_sum, summary.gene_sumsq
+    if summary.min_value < 0:
+        (removed,) = executor.compute(matrix.X[dropped])
+        removed = removed.toarray() if hasattr(removed, "toarray") else np.asarray(removed, dtype=np.float64)
+        gene_sum = gene_sum - removed.sum(axis=0)
+        gene_sumsq = gene_sumsq - (removed * removed).sum(axis=0)
+    row_chunks = matrix.X.chunks[0]
+    bounds = np.cumsum((0, *row_chunks))
+    kept_chunks = tuple(int(keep[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:]))
+    mask = da.from_array(keep[:, None], chunks=(row_chunks, (1,)))
+    X = matrix.X.map_blocks(_take_rows, mask, chunks=(kept_chunks, matrix.X.chunks[1]), dtype=matrix.X.dtype,
+                            meta=matrix.X._meta)
+    obs = matrix.obs.iloc[kept] if matrix.obs is not None else pd.DataFrame(index=matrix.names[kept])
+    coords = matrix.coords[kept] if matrix.coords is not None else None
+    kept_matrix = replace(matrix, X=X, names=matrix.names[kept], coords=coords, obs=obs)
+    kept_summary = replace(summary, n_rows=int(kept.size), gene_sum=gene_sum, gene_sumsq=gene_sumsq,
+                           row_totals=summary.row_totals[kept])
+    return kept_matrix, kept_summary
+
+
+def _take_rows(block: Any, keep: np.ndarray) -> Any:
+    """Rows of a dense or CSR block where ``keep`` (an ``(n, 1)`` boolean block) is true."""
+    rows = np.flatnonzero(keep[:, 0])
+    out = block[rows]
+    return out.tocsr() if sp.issparse(out) else out
+
+
+def _warn_dominant_mass(totals: np.ndarray, names: pd.Index, role: str) -> None:
+    """Log a warning when one row's mass exceeds ``MASS_WARN_OVER_MEDIAN`` times the median row mass."""
+    median = float(np.median(totals))
+    largest = int(np.argmax(totals))
+    ratio = float(totals[largest]) / median if median > 0 else float("inf")
+    if ratio > MASS_WARN_OVER_MEDIAN:
+        share = float(totals[largest] / totals.sum())
+        log.warning(
+            "%s: row %d (%s) holds %.3g times the median row mass (%.1f%% of the total; warning above %gx): the "
+            "transport plan is dominated by it and the assignment of the other rows may be meaningless; check for "
+            "unnormalised rows or wrong values, or use marginals='uniform'",
+            role, largest, pd.Index(names)[largest], ratio, 100 * share, MASS_WARN_OVER_MEDIAN,
+        )
+
+
+def _expand_cells(ds: xr.Dataset, kept: np.ndarray, n_all: int) -> xr.Dataset:
+    """Every per-cell variable over all ``n_all`` input cells: kept rows filled in, the others unassigned."""
+    variables = {}
+    for name, var in ds.data_vars.items():
+        if "cell" not in var.dims:
+            variables[name] = var
+            continue
+        values = var.values
+        if values.dtype.kind in "iu":
+            fill: Any = -1
+        elif values.dtype.kind == "O":
+            fill = ""
+        else:
+            fill = np.nan
+        full = np.full((n_all, *values.shape[1:]), fill, dtype=values.dtype)
+        full[kept] = values
+        variables[name] = xr.Variable(var.dims, full, attrs=var.attrs)
+    coords = {k: v for k, v in ds.coords.items() if "cell" not in v.dims}
+    return xr.Dataset(variables, coords=coords, attrs=ds.attrs)

@@ -70,8 +70,10 @@ def add_to_anndata(adata: Any, result: xr.Dataset, *, key_added: str = "ssa") ->
     """Write an SSA result into an AnnData of the same cells, scanpy style.
 
     Writes ``obs[f"{key_added}_spot"]`` (spot name), ``obs[f"{key_added}_probability"]``,
-    ``obs[f"{key_added}_x"]``/``_y`` when known, ``obsm[f"{key_added}_top_spot"]`` and
-    ``obsm[f"{key_added}_top_probability"]``, and the run record in ``uns[key_added]``.
+    ``obs[f"{key_added}_assigned"]``, ``obs[f"{key_added}_x"]``/``_y`` when known,
+    ``obsm[f"{key_added}_top_spot"]`` and ``obsm[f"{key_added}_top_probability"]``, and the run
+    record in ``uns[key_added]``.  Cells left unassigned (``drop_empty``) get a missing spot
+    category, NaN probability and coordinates, and top spots -1.
 
     Parameters
     ----------
@@ -90,8 +92,11 @@ def add_to_anndata(adata: Any, result: xr.Dataset, *, key_added: str = "ssa") ->
     cells = pd.Index(result["cell"].values)
     if len(cells) != adata.n_obs or not cells.equals(pd.Index(adata.obs_names.astype(str))):
         raise ValueError("the result's cells do not match adata.obs_names (same cells, same order expected)")
-    adata.obs[f"{key_added}_spot"] = pd.Categorical(result["spot_name"].values)
+    assigned = result["assigned"].values.astype(bool) if "assigned" in result else np.ones(len(cells), dtype=bool)
+    spot_names = pd.Series(result["spot_name"].values, dtype=object).where(assigned)
+    adata.obs[f"{key_added}_spot"] = pd.Categorical(spot_names.to_numpy())
     adata.obs[f"{key_added}_probability"] = result["probability"].values
+    adata.obs[f"{key_added}_assigned"] = assigned
     if "spot_x" in result:
         adata.obs[f"{key_added}_x"] = result["spot_x"].values
         adata.obs[f"{key_added}_y"] = result["spot_y"].values

@@ -9,7 +9,9 @@ It also sweeps SSA's ``lam`` and ``n_genes`` (calling :func:`ssa_dask.align` dir
 
 Fairness: the methods see only expression, the spot coordinates and the cells' type labels; the
 cells' coordinates and true spots are stripped before a method is called, and so are the spots'
-cell counts and dominant types.
+cell counts and dominant types.  Every method sees the same cells: cells that no method can place
+(zero total expression over the panel, or non-finite values) are removed from the slide before
+binning and sampling (:func:`common_cell_filter`), logged, and recorded in the result.
 
 Units. Distances are reported twice: in *grid units* (between the grid indices ``(i, j)`` of the
 predicted and the true square, so that neighbouring squares are 1 apart; this is the unit of the
@@ -45,6 +47,7 @@ from ssa_dask.simulate import bin_to_spots, cell_coordinates, sample_replicates
 __all__ = [
     "ALL_METHODS",
     "BenchmarkConfig",
+    "common_cell_filter",
     "BenchmarkResult",
     "config_dict",
     "markdown_table",
@@ -134,7 +137,8 @@ class BenchmarkResult:
         Replicate 0: ``cell_type``, true ``x``/``y`` and ``<method>_x``/``<method>_y`` predicted
         positions per successful method.
     dataset
-        Short description of the input (name, cells, genes).
+        Short description of the input (name, cells, genes) and, under ``cell_filter``, the
+        record of :func:`common_cell_filter`.
     seconds
         Wall time of the whole run.
     """
@@ -148,6 +152,49 @@ class BenchmarkResult:
     example: pd.DataFrame
     dataset: dict
     seconds: float
+
+
+def common_cell_filter(adata: ad.AnnData, layer: str | None = None) -> tuple[ad.AnnData, dict]:
+    """Remove the cells that no method can place, so that every method sees the same cells.
+
+    A cell is removed when its total expression over the panel is zero (an empty cell: SSA refuses
+    it, its correlation with any spot is undefined) or not finite.  Filtering the slide once, before
+    binning and sampling, keeps replicates identical across methods; filtering inside one method
+    would score it on fewer replicates than the others.
+
+    Parameters
+    ----------
+    adata
+        The slide.
+    layer
+        Expression layer (None: ``X``).
+
+    Returns
+    -------
+    adata : anndata.AnnData
+        The slide without those cells (the input itself when none is removed).
+    record : dict
+        ``rule``, ``n_cells_input``, ``n_cells_removed`` and ``removed`` (up to 20 cell names).
+    """
+    x = adata.X if layer is None else adata.layers[layer] if layer in adata.layers else None
+    if x is None:
+        raise SSAInputError(f"layer {layer!r} is not in the AnnData (layers: {list(adata.layers)})")
+    totals = x.sum(axis=1)
+    totals = np.asarray(totals.compute() if hasattr(totals, "compute") else totals, dtype=np.float64).ravel()
+    bad = ~np.isfinite(totals) | (totals == 0)
+    record = {
+        "rule": "cells with zero or non-finite total expression over the panel removed before binning and sampling",
+        "n_cells_input": int(adata.n_obs),
+        "n_cells_removed": int(bad.sum()),
+        "removed": [str(n) for n in adata.obs_names[bad][:20]],
+    }
+    if not bad.any():
+        return adata, record
+    logger.warning(
+        "common cell filter: %d of %d cells have zero or non-finite total expression and are removed for every "
+        "method (e.g. %s)", record["n_cells_removed"], adata.n_obs, record["removed"][:5],
+    )
+    return adata[~bad].copy(), record
 
 
 def _method_inputs(rep: ad.AnnData, spots: ad.AnnData, cell_type_key: str) -> tuple[ad.AnnData, ad.AnnData]:
@@ -296,6 +343,8 @@ def run_benchmark(adata: ad.AnnData, cfg: BenchmarkConfig, *, progress: bool = T
         raise SSAInputError(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
     if cfg.cell_type_key not in adata.obs:
         raise SSAInputError(f"obs has no cell type column {cfg.cell_type_key!r}")
+    n_input_cells = adata.n_obs
+    adata, cell_filter = common_cell_filter(adata, cfg.layer)
     spot_size, n_spots = cfg.spot_size, cfg.n_spots
     if spot_size is None and n_spots is None:
         n_spots = 500
@@ -405,7 +454,7 @@ def run_benchmark(adata: ad.AnnData, cfg: BenchmarkConfig, *, progress: bool = T
         kl_skipped=pd.DataFrame(skipped_rows, columns=["replicate", "method", "cell_type", "reason"]),
         sweeps=sweeps,
         example=example,
-        dataset={"name": name, "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars)},
+        dataset={"name": name, "n_cells": int(n_input_cells), "n_genes": int(adata.n_vars), "cell_filter": cell_filter},
         seconds=time.perf_counter() - start_all,
     )
 
@@ -639,6 +688,7 @@ def _summary(result, tables, pvalues, runtime, kl_mean, status, files) -> str:
         f"# Semi-simulation benchmark: {result.dataset['name']}",
         "",
         f"- Slide: {result.dataset['n_cells']:,} cells x {result.dataset['n_genes']:,} genes.",
+        _filter_line(result.dataset.get("cell_filter")),
         (
             f"- Grid: side {sim['spot_size']:.6g} coordinate units -> {spots.n_obs} non-empty spots, "
             f"{n_per.median():.0f} cells per spot (median; mean {n_per.mean():.1f}, range {n_per.min()}-{n_per.max()})."
@@ -722,6 +772,13 @@ def _summary(result, tables, pvalues, runtime, kl_mean, status, files) -> str:
         lines.append("")
     lines += ["## Files", ""] + [f"- [{name}]({name})" for name in sorted(files) if name != "summary.md"]
     return "\n".join(lines) + "\n"
+
+
+def _filter_line(record: dict | None) -> str:
+    if not record or not record["n_cells_removed"]:
+        return "- Cell filter: no cell removed (none has zero or non-finite total expression)."
+    return (f"- Cell filter: {record['n_cells_removed']:,} of {record['n_cells_input']:,} cells removed for every method "
+            f"before binning and sampling (zero or non-finite total expression; e.g. {', '.join(record['removed'][:5])}).")
 
 
 def config_dict(cfg: BenchmarkConfig) -> dict:

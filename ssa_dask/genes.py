@@ -12,6 +12,12 @@ from ssa_dask.errors import SSAInputError
 
 log = logging.getLogger(__name__)
 
+#: Fewest genes SSA accepts after selection.  With two genes every z-scored profile, centred over
+#: the genes, is +-(1, -1)/sqrt(2), so every |rho| is exactly 1, D is 0 up to rounding and
+#: ``eps = lam * max D`` is built from rounding noise; three genes is the first size where the
+#: correlation can take values other than +-1.
+MIN_GENES = 3
+
 
 @dataclass(frozen=True)
 class GeneSelection:
@@ -77,14 +83,15 @@ def select_genes(
     Raises
     ------
     SSAInputError
-        No gene is shared, or fewer than two usable genes remain.
+        No gene is shared (with a hint when names match up to case), or fewer than
+        ``MIN_GENES`` usable genes remain.
     """
     shared = sc_genes.intersection(spot_genes)
     if len(shared) == 0:
         raise SSAInputError(
             f"gene mismatch: the scRNA matrix ({len(sc_genes)} genes, e.g. {list(sc_genes[:3])}) and the spot "
             f"matrix ({len(spot_genes)} genes, e.g. {list(spot_genes[:3])}) share no gene names; "
-            "check gene identifiers (symbols vs Ensembl IDs) or pass gene_key"
+            "check gene identifiers (symbols vs Ensembl IDs) or pass gene_key" + _case_hint(sc_genes, spot_genes)
         )
     top = top_variance_genes(sc_genes, sc_variance, n_genes)
     in_spots = top.isin(spot_genes)
@@ -101,9 +108,23 @@ def select_genes(
     if constant:
         log.warning("%d genes are constant in the cells or the spots and were dropped (e.g. %s)",
                     len(constant), constant[:5])
-    if len(kept) < 2:
+    if len(kept) < MIN_GENES:
         raise SSAInputError(
-            f"only {len(kept)} usable gene(s) remain after selection ({len(missing)} missing in spots, "
-            f"{len(constant)} constant with zero variance); Pearson correlation needs at least 2"
+            f"only {len(kept)} usable gene(s) remain after selection (n_genes={n_genes}, {len(missing)} missing in "
+            f"spots, {len(constant)} constant with zero variance); SSA needs at least {MIN_GENES}: with 2 genes every "
+            "|Pearson correlation| is 1 and the cost carries no information"
         )
     return GeneSelection(genes=kept, missing_in_spots=missing, constant=constant)
+
+
+def _case_hint(sc_genes: pd.Index, spot_genes: pd.Index) -> str:
+    """A hint when the gene names match once case is ignored (e.g. mouse ``Actb`` vs human-style ``ACTB``)."""
+    sc_upper = pd.Index(sc_genes.astype(str).str.upper())
+    matches = sc_upper.isin(pd.Index(spot_genes.astype(str).str.upper()))
+    if not matches.any():
+        return ""
+    first = str(sc_genes[np.flatnonzero(matches)[0]])
+    partner = next(g for g in spot_genes.astype(str) if g.upper() == first.upper())
+    return (f"; {int(matches.sum())} gene names match when case is ignored (e.g. {first!r} vs {partner!r}): make the "
+            "case agree in both matrices (e.g. upper-case both)")
+

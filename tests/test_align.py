@@ -28,12 +28,150 @@ def test_dense_input_matches_reference(counts_problem, block_rows):
     assert ds.attrs["n_genes_used"] == len(reference.genes)
 
 
-def test_sparse_input_matches_dense_input(counts_problem):
-    sc, spots = counts_problem
-    dense = ssa_dask.align(sc, spots, n_genes=30, tol=1e-7)
-    sparse = ssa_dask.align(sp.csr_matrix(sc), sp.csr_matrix(spots), n_genes=30, block_rows=64, tol=1e-7)
+@pytest.fixture(scope="module")
+def sparse_problem() -> tuple[np.ndarray, np.ndarray]:
+    """400 cells over 3,000 genes at about 1.3 % non-zeros (each type expresses its own 500 genes), 30 spots."""
+    rng = np.random.default_rng(11)
+    n_types, n_genes = 6, 3000
+    programmes = np.zeros((n_types, n_genes))
+    for t in range(n_types):
+        programmes[t, t * 500:(t + 1) * 500] = rng.gamma(2.0, 0.04, 500)
+    cell_type = rng.integers(0, n_types, 400)
+    sc = rng.poisson(programmes[cell_type] * rng.gamma(4.0, 0.25, (400, 1))).astype(np.float64)
+    spots = rng.poisson(200 * rng.dirichlet(np.full(n_types, 0.3), 30) @ programmes).astype(np.float64)
+    return sc, spots
+
+
+def test_sparse_input_takes_the_sparse_path_and_matches_dense_input(sparse_problem, monkeypatch):
+    import types
+
+    from ssa_dask import cost as cost_module
+
+    sc, spots = sparse_problem
+    density = np.count_nonzero(sc) / sc.size
+    assert density < cost_module.DENSIFY_ABOVE_DENSITY  # measured: 1.3 % against the 2 % switch
+    sparse_blocks = []
+
+    def spy_csr(matrix, *args, **kwargs):  # only the sparse branch of PearsonCost.correlation builds a CSR copy
+        sparse_blocks.append(matrix.shape)
+        return sp.csr_matrix(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(cost_module, "sp", types.SimpleNamespace(issparse=sp.issparse, csr_matrix=spy_csr))
+    sparse = ssa_dask.align(sp.csr_matrix(sc), spots, n_genes=sc.shape[1], block_rows=100, tol=1e-7)
+    assert sum(shape[0] for shape in sparse_blocks) >= sc.shape[0]  # every cell went through the sparse branch
+    sparse_blocks.clear()
+    dense = ssa_dask.align(sc, spots, n_genes=sc.shape[1], block_rows=100, tol=1e-7)
+    assert sparse_blocks == []  # dense input never takes it
+    reference = ssa_dense(sc, spots, n_genes=sc.shape[1], tol=1e-11)
+    assert_matches_reference(sparse, reference)
     np.testing.assert_array_equal(sparse["spot"].values, dense["spot"].values)
     np.testing.assert_allclose(sparse["probability"].values, dense["probability"].values, rtol=1e-4)
+
+
+def test_plan_from_the_potentials_matches_an_independent_dense_reference(counts_problem):
+    """The plan rebuilt from both returned potentials (f, g), not by re-applying the row update,
+    against the dense reference; a perturbed column potential fails the same check."""
+    sc, spots = counts_problem
+    ds = ssa_dask.align(sc, spots, n_genes=30, tol=1e-7)
+    reference = ssa_dense(sc, spots, n_genes=30, tol=1e-12)
+    eps, f, g = ds.attrs["eps"], ds["potential"].values, np.asarray(ds.attrs["column_potential"])
+
+    def plan(column_potential):
+        return np.exp((f[:, None] + column_potential[None, :] - reference.cost) / eps)
+
+    p, q = sc.sum(1) / sc.sum(), spots.sum(1) / spots.sum()
+    solved = plan(g)
+    np.testing.assert_allclose(solved, reference.plan, rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(solved.sum(1), p, rtol=1e-4)
+    np.testing.assert_allclose(solved.sum(0), q, rtol=1e-4)
+    # measured deviation from the reference: 7.5e-6 (float32 cost); a change of g by 1 % of eps on one
+    # spot moves that column by 1 %, 100 times the tolerance, and must be caught
+    perturbed = g.copy()
+    perturbed[3] += 0.01 * eps
+    wrong = plan(perturbed)
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(wrong, reference.plan, rtol=1e-4, atol=1e-12)
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(wrong.sum(0), q, rtol=1e-4)
+    # ... whereas re-applying the row update hides it: rows equal p for any potential (the old, vacuous check)
+    K = np.exp(-reference.cost / eps)
+    b = np.exp(perturbed / eps)
+    rows_again = (p / (K @ b))[:, None] * K * b[None, :]
+    np.testing.assert_allclose(rows_again.sum(1), p, rtol=1e-12)
+
+
+def test_single_spot_sinkhorn_is_exact_at_once(kernel_problem):
+    """With one spot every row sends its whole mass there: one iteration, zero error, probability 1 from top_k."""
+    from ssa_dask import kernel_from_array, sinkhorn
+    from ssa_dask.cluster import Executor
+
+    cost, p, _, eps = kernel_problem
+    kernel = kernel_from_array(np.exp(-cost[:, :1] / eps), eps=eps, block_rows=50)
+    result = sinkhorn(kernel, p, np.ones(1), tol=1e-6)
+    assert result.converged and result.n_iter == 1 and result.marginal_error < 1e-6
+    spot, probability, f = kernel.top_k(p, result.g, 1, Executor())
+    assert (spot == 0).all() and np.allclose(probability, 1.0)
+    # f is independent of the dense reference's scaling: a_i K_i0 b_0 = p_i
+    np.testing.assert_allclose(np.exp((f + result.g[0] - cost[:, 0]) / eps), p, rtol=1e-6)
+
+
+def test_drop_empty_cells_equals_aligning_without_them(counts_problem, tmp_path):
+    sc, spots = (m.copy() for m in counts_problem)
+    empty = [0, 57, 58, 299]  # first, a pair inside a block, last
+    sc[empty] = 0.0
+    keep = np.setdiff1d(np.arange(len(sc)), empty)
+    ds = ssa_dask.align(sp.csr_matrix(sc), spots, n_genes=30, drop_empty=True, block_rows=64, top_k=2, tol=1e-7)
+    reference = ssa_dense(sc[keep], spots, n_genes=30, tol=1e-11)
+    assert ds.sizes["cell"] == len(sc) and list(ds["cell"].values[:2]) == ["scRNA_0", "scRNA_1"]
+    np.testing.assert_array_equal(ds["spot"].values[keep], reference.spot)
+    np.testing.assert_allclose(ds["probability"].values[keep], reference.probability, rtol=5e-4)
+    np.testing.assert_allclose(ds.attrs["eps"], reference.eps, rtol=1e-5)
+    assert not ds["assigned"].values[empty].any() and ds["assigned"].values[keep].all()
+    assert (ds["spot"].values[empty] == -1).all() and (ds["top_spot"].values[empty] == -1).all()
+    assert (ds["spot_name"].values[empty] == "").all() and np.isnan(ds["probability"].values[empty]).all()
+    assert ds.attrs["n_cells_dropped"] == 4 and ds.attrs["n_spots_dropped"] == 0
+    # the same problem without empty cells: identical result, everything assigned
+    clean = ssa_dask.align(sc[keep], spots, n_genes=30, drop_empty=True, tol=1e-7)
+    assert clean["assigned"].values.all() and clean.attrs["n_cells_dropped"] == 0
+    np.testing.assert_array_equal(clean["spot"].values, ds["spot"].values[keep])
+    # written and read back, and into AnnData as missing values
+    ssa_dask.write_result(ds, str(tmp_path / "r.zarr"))
+    back = ssa_dask.read_result(str(tmp_path / "r.zarr")).load()
+    np.testing.assert_array_equal(back["assigned"].values, ds["assigned"].values)
+    cells = ad.AnnData(sc, obs=pd.DataFrame(index=[f"scRNA_{i}" for i in range(len(sc))]))
+    ssa_dask.add_to_anndata(cells, ds)
+    assert cells.obs["ssa_spot"].isna().to_numpy()[empty].all() and cells.obs["ssa_spot"].notna().sum() == len(keep)
+    assert (~cells.obs["ssa_assigned"].to_numpy()[empty]).all()
+
+
+def test_drop_empty_with_signed_input_corrects_the_gene_statistics(counts_problem):
+    """Under uniform marginals a signed row can sum to zero without being all zeros: it is dropped and its
+    values are taken out of the gene statistics, so the result is still that of the problem without it."""
+    sc, spots = counts_problem
+    centred = sc - sc.mean(0)
+    centred[[3, 150]] = 0.0
+    centred[200] = 0.0
+    centred[200, :2] = [2.5, -2.5]  # sums to zero, not empty
+    keep = np.setdiff1d(np.arange(len(sc)), [3, 150, 200])
+    ds = ssa_dask.align(centred, spots, n_genes=30, marginals="uniform", drop_empty=True, block_rows=64, tol=1e-7)
+    reference = ssa_dense(centred[keep], spots, n_genes=30, marginals="uniform", tol=1e-11)
+    assert ds.attrs["n_cells_dropped"] == 3
+    np.testing.assert_array_equal(ds["spot"].values[keep], reference.spot)
+    np.testing.assert_allclose(ds["probability"].values[keep], reference.probability, rtol=5e-4)
+
+
+def test_drop_empty_spots_keeps_input_spot_indices(counts_problem, caplog):
+    sc, spots = (m.copy() for m in counts_problem)
+    spots[[2, 10]] = 0.0
+    kept = np.setdiff1d(np.arange(len(spots)), [2, 10])
+    with caplog.at_level("WARNING", logger="ssa_dask"):
+        ds = ssa_dask.align(sc, spots, n_genes=30, drop_empty=True, tol=1e-7)
+    assert "drop_empty: 2 of 25 spots" in caplog.text and "'spots_2'" in caplog.text
+    reference = ssa_dense(sc, spots[kept], n_genes=30, tol=1e-11)
+    np.testing.assert_array_equal(ds["spot"].values, kept[reference.spot])
+    np.testing.assert_array_equal(ds["spot_name"].values, np.array([f"spots_{i}" for i in kept[reference.spot]]))
+    assert ds.attrs["spots_dropped"] == ["spots_2", "spots_10"] and len(ds.attrs["column_potential"]) == 23
+    assert ds["assigned"].values.all()
 
 
 def test_zarr_kernel_storage_matches_memory(counts_problem, tmp_path):

@@ -132,3 +132,31 @@ def test_cli_simulate_and_benchmark(tissue, tmp_path):
     assert runner.invoke(app, args).exit_code == 2  # refuses to overwrite
     bad = runner.invoke(app, [*args[:3], "--methods", "nope", "--overwrite"])
     assert bad.exit_code == 2 and "unknown methods" in bad.output
+
+
+def test_empty_cells_are_filtered_for_every_method_before_sampling(caplog, tmp_path):
+    import scipy.sparse as sp
+
+    slide = synthetic_tissue(n_cells=400, n_genes=60, n_types=3, seed=2)
+    empty = [5, 123, 399]
+    keep = np.ones(slide.n_obs)
+    keep[empty] = 0
+    slide.X = sp.csr_matrix(sp.diags(keep) @ slide.X)  # cells with no counts over the panel, as on real Xenium slides
+    slide.X.eliminate_zeros()
+    cfg = BenchmarkConfig(methods=("ssa", "random"), n_replicates=2, n_spots=40, fraction=1.0, lambdas=(),
+                          n_genes_sweep=(), sweep_replicates=0)
+    with caplog.at_level("WARNING", logger="ssa_dask"):
+        result = run_benchmark(slide, cfg, progress=False, name="with-empty")
+    assert "common cell filter: 3 of 400 cells" in caplog.text
+    record = result.dataset["cell_filter"]
+    assert record["n_cells_input"] == 400 and record["n_cells_removed"] == 3
+    assert record["removed"] == [str(slide.obs_names[i]) for i in empty]
+    m = result.metrics
+    # fraction=1.0 draws every remaining cell: without the filter each replicate holds the empty cells
+    # and SSA alone fails on it
+    assert (m["status"] == "ok").all() and (m["n_cells"] == 397).all()
+    assert not set(record["removed"]) & set(result.example.index)
+    assert int(result.spots.obs["n_cells"].sum()) == 397
+    write_outputs(result, tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "- Cell filter: 3 of 400 cells removed for every method before binning and sampling" in summary

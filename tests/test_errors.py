@@ -15,7 +15,16 @@ from ssa_dask.cli import app
 def test_no_shared_genes(counts_problem):
     sc, spots = counts_problem
     genes = [f"g{i}" for i in range(sc.shape[1])]
-    with pytest.raises(SSAInputError, match="share no gene names"):
+    with pytest.raises(SSAInputError, match="share no gene names") as info:
+        ssa_dask.align(ssa_dask.read_expression(sc, genes=genes), ssa_dask.read_expression(spots, genes=[g + "_x" for g in genes]))
+    assert "case" not in str(info.value)
+
+
+def test_gene_names_differing_only_in_case_get_a_hint(counts_problem):
+    sc, spots = counts_problem
+    genes = [f"Actb{i}" for i in range(sc.shape[1])]
+    with pytest.raises(SSAInputError, match="share no gene names.*40 gene names match when case is ignored "
+                                            "\\(e.g. 'Actb0' vs 'ACTB0'\\)"):
         ssa_dask.align(ssa_dask.read_expression(sc, genes=genes), ssa_dask.read_expression(spots, genes=[g.upper() for g in genes]))
 
 
@@ -47,8 +56,52 @@ def test_negative_values(counts_problem):
 def test_all_zero_rows(counts_problem, where):
     sc, spots = (m.copy() for m in counts_problem)
     (sc if where == "sc" else spots)[4] = 0.0
-    with pytest.raises(SSAInputError, match="zero total expression"):
+    with pytest.raises(SSAInputError, match="zero total expression.*drop_empty=True \\(CLI: --drop-empty\\)"):
         ssa_dask.align(sc, spots)
+
+
+def test_only_empty_cells_left_after_drop_is_an_error(counts_problem):
+    sc, spots = counts_problem
+    sc = np.zeros_like(sc)
+    sc[0] = 1.0
+    with pytest.raises(SSAInputError, match="scRNA: only 1 cell after dropping 299 empty cell\\(s\\)"):
+        ssa_dask.align(sc, spots, drop_empty=True)
+
+
+@pytest.mark.parametrize(("cells", "n_spots", "message"), [
+    (0, 25, "scRNA: no cells \\(0 rows\\): nothing to align"),
+    (1, 25, "scRNA: only 1 cell; SSA z-scores every gene over the cells, which needs at least 2 cells"),
+    (300, 1, "spots: only 1 spot; .*at least 2 spots \\(and with one spot every cell would map to it\\)"),
+    (300, 0, "spots: no spots \\(0 rows\\)"),
+])
+def test_too_few_cells_or_spots_get_their_own_message(counts_problem, cells, n_spots, message):
+    sc, spots = counts_problem
+    with pytest.raises(SSAInputError, match=message):
+        ssa_dask.align(sc[:cells], spots[:n_spots])
+
+
+def test_fewer_than_three_genes_is_an_error(counts_problem):
+    sc, spots = counts_problem
+    with pytest.raises(SSAInputError, match="only 2 usable gene\\(s\\) remain .*n_genes=2.*at least 3"):
+        ssa_dask.align(sc, spots, n_genes=2)
+    assert ssa_dask.align(sc, spots, n_genes=3).attrs["n_genes_used"] == 3
+
+
+def test_one_cell_holding_most_of_the_mass_is_warned(counts_problem, caplog):
+    from ssa_dask.align import MASS_WARN_OVER_MEDIAN
+
+    sc, spots = (m.copy() for m in counts_problem)
+    with caplog.at_level("WARNING", logger="ssa_dask"):
+        ssa_dask.align(sc, spots, n_genes=30)
+    assert "median row mass" not in caplog.text  # the fixture's spread (max/median 4.2x) stays quiet
+    totals = sc.sum(1)
+    assert totals.max() / np.median(totals) < MASS_WARN_OVER_MEDIAN
+    sc[7, 3] = 1e30
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ssa_dask"):
+        ssa_dask.align(sc, spots, n_genes=30, max_iter=50)
+    assert "scRNA: row 7 (scRNA_7) holds" in caplog.text
+    assert "times the median row mass (100.0% of the total; warning above 100x)" in caplog.text
 
 
 def test_zero_variance_genes_are_dropped_with_a_warning(counts_problem, caplog):

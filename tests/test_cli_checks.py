@@ -1,0 +1,141 @@
+"""``ssa-dask align`` refuses bad options and bad output locations up front: exit 2, one line, nothing written."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from ssa_dask.cli import app
+
+
+@pytest.fixture
+def inputs(tmp_path, counts_problem) -> tuple[Path, Path]:
+    sc, spots = counts_problem
+    genes = [f"g{i}" for i in range(sc.shape[1])]
+    sc_path, spots_path = tmp_path / "sc.h5ad", tmp_path / "spots.h5ad"
+    ad.AnnData(sc.astype(np.float32), var=pd.DataFrame(index=genes)).write_h5ad(sc_path)
+    ad.AnnData(spots.astype(np.float32), var=pd.DataFrame(index=genes)).write_h5ad(spots_path)
+    return sc_path, spots_path
+
+
+def run(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["align", *args], env={"COLUMNS": "250"})
+    return result.exit_code, result.output
+
+
+def assert_one_line_error(code: int, output: str, pattern: str) -> None:
+    import re
+
+    assert code == 2, output
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
+    assert re.search(pattern, errors[0]), errors[0]
+
+
+BAD_OPTIONS = [
+    (["--max-iter", "0"], r"--max-iter must be a positive integer, got 0"),
+    (["--max-iter", "-5"], r"--max-iter must be a positive integer"),
+    (["--tol", "0"], r"--tol must be a positive finite number, got 0"),
+    (["--tol", "-1e-6"], r"--tol must be a positive"),
+    (["--lam", "0"], r"--lam must be a positive"),
+    (["--eps", "-1"], r"--eps must be a positive"),
+    (["--block-rows", "0"], r"--block-rows must be a positive integer, got 0"),
+    (["--top-k", "0"], r"--top-k must be a positive integer"),
+    (["--top-k", "26"], r"--top-k 26 exceeds the number of spots \(25\)"),
+    (["--memory-limit", "12"], r"--memory-limit '12' is 12 bytes per worker; give a unit"),
+    (["--memory-limit", "lots"], r"--memory-limit 'lots' is not a size"),
+    (["--n-workers", "0"], r"--n-workers must be a positive integer"),
+    (["--scheduler", "bogus"], r"unknown scheduler 'bogus'"),
+    (["--kernel-path", "s3://bucket/scratch"], r"--kernel-path 's3://bucket/scratch' is a URL"),
+    (["--tls-cert", "cert.pem"], r"TLS needs all of --tls-ca-file, --tls-cert and --tls-key"),
+    (["--scheduler", "tls://127.0.0.1:1"], r"needs TLS credentials"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_OPTIONS, ids=[" ".join(e) for e, _ in BAD_OPTIONS])
+def test_bad_options_are_refused_before_any_work(inputs, tmp_path, extra, message):
+    sc, spots = inputs
+    out = tmp_path / "out.zarr"
+    start = time.perf_counter()
+    code, output = run([str(sc), str(spots), "-o", str(out), "--scheduler", "threads", *extra])
+    assert_one_line_error(code, output, message)
+    assert time.perf_counter() - start < 10
+    assert not out.exists()
+    assert "running on" not in output and "scRNA:" not in output  # nothing started, nothing read
+
+
+def test_output_under_a_regular_file_is_refused_before_compute(inputs, tmp_path):
+    sc, spots = inputs
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    code, output = run([str(sc), str(spots), "-o", str(blocker / "out.zarr"), "--scheduler", "threads"])
+    assert_one_line_error(code, output, r"not_a_dir")
+    assert "scRNA:" not in output
+
+
+def test_unwritable_output_location_is_refused_before_compute(inputs):
+    sc, spots = inputs
+    code, output = run([str(sc), str(spots), "-o", "/proc/ssa-dask-test/out.zarr", "--scheduler", "threads"])
+    assert_one_line_error(code, output, r"/proc/ssa-dask-test")
+    assert "scRNA:" not in output
+
+
+def test_obs_out_equal_to_out_is_refused(inputs, tmp_path):
+    sc, spots = inputs
+    out = tmp_path / "same"
+    code, output = run([str(sc), str(spots), "-o", str(out), "--obs-out", str(out), "--scheduler", "threads"])
+    assert_one_line_error(code, output, r"--obs-out and -o are the same path")
+    assert not out.exists()
+
+
+def test_existing_output_is_refused_without_overwrite(inputs, tmp_path):
+    sc, spots = inputs
+    out = tmp_path / "out.zarr"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, output = run([str(sc), str(spots), "-o", str(out), "--scheduler", "threads"])
+    assert_one_line_error(code, output, r"exists")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_missing_input_is_reported_before_a_cluster_starts(inputs, tmp_path):
+    _, spots = inputs
+    start = time.perf_counter()
+    code, output = run([str(tmp_path / "absent.h5ad"), str(spots), "-o", str(tmp_path / "o.zarr"), "--scheduler", "local"])
+    assert_one_line_error(code, output, r"absent.h5ad")
+    assert "running on" not in output and "dashboard" not in output
+    assert time.perf_counter() - start < 10
+
+
+def test_unreachable_scheduler_is_one_line_and_fast(inputs, tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sc, spots = inputs
+    start = time.perf_counter()
+    code, output = run([str(sc), str(spots), "-o", str(tmp_path / "o.zarr"), "--scheduler", f"tcp://127.0.0.1:{port}",
+                        "--connect-timeout", "3"])
+    assert_one_line_error(code, output, rf"cannot connect to the Dask scheduler at tcp://127.0.0.1:{port}")
+    assert time.perf_counter() - start < 20
+
+
+def test_strict_exits_3_when_sinkhorn_does_not_converge(inputs, tmp_path):
+    sc, spots = inputs
+    out = tmp_path / "out.zarr"
+    code, output = run([str(sc), str(spots), "-o", str(out), "--scheduler", "threads", "--n-genes", "30",
+                        "--max-iter", "3", "--tol", "1e-12", "--strict"])
+    assert code == 3, output
+    assert "did not converge in 3 iterations (--strict)" in output
+    assert out.exists()  # the result is still written, and said so
+    code, output = run([str(sc), str(spots), "-o", str(tmp_path / "lenient.zarr"), "--scheduler", "threads",
+                        "--n-genes", "30", "--max-iter", "3", "--tol", "1e-12"])
+    assert code == 0, output
