@@ -139,3 +139,25 @@ def test_strict_exits_3_when_sinkhorn_does_not_converge(inputs, tmp_path):
     code, output = run([str(sc), str(spots), "-o", str(tmp_path / "lenient.zarr"), "--scheduler", "threads",
                         "--n-genes", "30", "--max-iter", "3", "--tol", "1e-12"])
     assert code == 0, output
+
+
+def test_drop_empty_leaves_empty_cells_unassigned(tmp_path, counts_problem):
+    import xarray as xr
+
+    sc, spots = counts_problem
+    sc = sc.copy()
+    sc[[3, 17]] = 0.0
+    genes = [f"g{i}" for i in range(sc.shape[1])]
+    sc_path, spots_path = tmp_path / "sc.h5ad", tmp_path / "spots.h5ad"
+    ad.AnnData(sc.astype(np.float32), var=pd.DataFrame(index=genes)).write_h5ad(sc_path)
+    ad.AnnData(spots.astype(np.float32), var=pd.DataFrame(index=genes)).write_h5ad(spots_path)
+    out = tmp_path / "out.zarr"
+    code, output = run([str(sc_path), str(spots_path), "-o", str(out), "--scheduler", "threads", "--n-genes", "30"])
+    assert_one_line_error(code, output, r"2 row\(s\) with zero total expression.*--drop-empty")
+    code, output = run([str(sc_path), str(spots_path), "-o", str(out), "--scheduler", "threads", "--n-genes", "30",
+                        "--drop-empty"])
+    assert code == 0, output
+    assert "2 empty cell(s) left unassigned" in output
+    result = xr.open_zarr(out)
+    assert int(result["assigned"].sum()) == sc.shape[0] - 2
+    assert list(np.flatnonzero(~result["assigned"].values)) == [3, 17]

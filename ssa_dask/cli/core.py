@@ -74,6 +74,7 @@ def align_command(
     tol: float = typer.Option(1e-6, help="Stop when the marginal L1 error is below this."),
     max_iter: int = typer.Option(2000, help="Iteration cap."),
     strict: bool = typer.Option(False, "--strict", help="Exit with code 3 when Sinkhorn does not converge."),
+    drop_empty: bool = typer.Option(False, "--drop-empty", help="Leave out cells and spots with zero total expression (logged; reported unassigned, assigned=False) instead of refusing the run."),
     top_k: int = typer.Option(1, help="Best spots reported per cell."),
     marginals: str = typer.Option("total", help="'total' (per-row totals, the method) or 'uniform'."),
     log_domain: Domain = typer.Option(Domain.auto, help="Sinkhorn domain."),
@@ -131,6 +132,7 @@ def align_command(
                 max_iter=max_iter, log_domain=domain, top_k=top_k, block_rows=block_rows,
                 kernel_storage=kernel_storage.value, kernel_path=str(kernel_path) if kernel_path else None,
                 client=executor.client, progress=True, checkpoint=str(checkpoint) if checkpoint else None,
+                drop_empty=drop_empty,
             )
         _write_outputs(result, out, obs_out, overwrite)
     except (SSAError, OutputExistsError) as exc:
@@ -216,6 +218,8 @@ def _write_obs(result: Any, path: Path, overwrite: bool) -> None:
 
 def _print_summary(result: Any, out: Path) -> None:
     attrs = result.attrs
+    if attrs.get("n_cells_dropped"):
+        console.print(f"[yellow]{attrs['n_cells_dropped']:,} empty cell(s) left unassigned (assigned=False)[/]")
     console.print(
         f"[green]aligned[/] {result.sizes['cell']:,} cells: {attrs['n_iter']} Sinkhorn iterations, marginal error "
         f"{attrs['marginal_error']:.2e} ({'converged' if attrs['converged'] else 'NOT converged'}), "

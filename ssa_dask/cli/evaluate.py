@@ -158,6 +158,7 @@ def benchmark(
             "input": input.name,
             "config": config_dict(cfg),
             "seconds": result.seconds,
+            "cell_filter": result.dataset["cell_filter"],
             "python": platform.python_version(),
         }
         (out_dir / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
