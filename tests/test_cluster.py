@@ -234,3 +234,27 @@ def test_sigterm_mid_run_cleans_up_and_prints_one_line(tmp_path, counts_problem)
     assert all(" INFO " in line or line.lstrip().startswith("INFO") for line in lines[:-1]), stderr  # nothing else
     assert list(scratch.iterdir()) == []
     assert not (project / "out.zarr").exists()
+
+
+def test_spot_profiles_do_not_travel_inside_the_graph(tmp_path, caplog):
+    """A 1,500-spot x 2,500-gene slide (15 MB of profiles) used to ride in every distributed graph."""
+    import logging
+    import warnings
+
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    genes = [f"g{i}" for i in range(2500)]
+    cells = sp.random(600, 2500, density=0.05, format="csr", random_state=1, dtype=np.float32)
+    cells.data = np.ceil(cells.data * 10)
+    ad.AnnData(cells, var=pd.DataFrame(index=genes)).write_h5ad(tmp_path / "sc.h5ad")
+    slide = rng.poisson(2.0, size=(1500, 2500)).astype(np.float32)
+    ad.AnnData(slide, var=pd.DataFrame(index=genes)).write_h5ad(tmp_path / "spots.h5ad")
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING, logger="distributed"):
+        warnings.simplefilter("always")
+        with connect("local", n_workers=2) as executor:
+            on_cluster = ssa_dask.align(str(tmp_path / "sc.h5ad"), str(tmp_path / "spots.h5ad"), client=executor.client)
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "large graph" in m], messages
+    threads = ssa_dask.align(str(tmp_path / "sc.h5ad"), str(tmp_path / "spots.h5ad"))
+    np.testing.assert_array_equal(on_cluster["spot"].values, threads["spot"].values)
