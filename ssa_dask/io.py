@@ -429,17 +429,31 @@ class StoredMatrix:
 
     def _read_csr(self, elem: Any, start: int, stop: int, where: str) -> sp.csr_matrix:
         n_cols = self.shape[1]
-        indptr = np.asarray(elem["indptr"][start : stop + 1])
+        indptr = self._read_part(elem, "indptr", start, stop + 1, where)
         if indptr.size != stop - start + 1:
             raise SSAInputError(f"{where}: indptr holds {indptr.size} entries for {stop - start} rows (truncated file?)")
         check_indptr_block(indptr, n_cols=n_cols, nnz=self.nnz, where=where)
         low, high = int(indptr[0]), int(indptr[-1])
-        indices = np.asarray(elem["indices"][low:high])
+        indices = self._read_part(elem, "indices", low, high, where)
         check_indices_block(indices, n_cols=n_cols, where=where)
-        data = np.asarray(elem["data"][low:high])
+        data = self._read_part(elem, "data", low, high, where)
         if data.size != indices.size:
             raise SSAInputError(f"{where}: {data.size} values for {indices.size} column indices (truncated file?)")
         return sp.csr_matrix((data, indices, indptr - low), shape=(stop - start, n_cols))
+
+    def _read_part(self, elem: Any, part: str, low: int, high: int, where: str) -> np.ndarray:
+        """Entries ``low:high`` of one array of a CSR group; errors name the array and its chunks."""
+        try:
+            return np.asarray(elem[part][low:high])
+        except (SSAInputError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - reader and codec errors of a damaged file
+            size = (elem[part].chunks or (0,))[0] if self.backend == "zarr" else 0
+            chunks = f", chunk(s) {low // size}-{max(high - 1, low) // size}" if size else ""
+            raise SSAInputError(
+                f"{where}: cannot read {self.element}/{part}[{low}:{high}]{chunks}: {type(exc).__name__}: {exc} "
+                "(damaged file?)"
+            ) from exc
 
 
 def _read_block(stored: StoredMatrix, block_info: dict | None = None) -> np.ndarray | sp.csr_matrix:
@@ -523,6 +537,7 @@ def ingest(
     import zarr
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
+    target = check_writable(target, overwrite=overwrite, what="ingest output")
     matrix = read_expression(resolve_local_path(source, "ingest"), layer=layer, chunk_rows=chunk_rows, role="ingest")
 
     codecs = {"compressors": (ZstdCodec(), Crc32cCodec())}
@@ -545,7 +560,7 @@ def ingest(
             aio.write_elem(group, "obsm", obsm, dataset_kwargs=codecs)
             group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
 
-    return write_atomically(resolve_local_path(target, "ingest output"), write, overwrite=overwrite)
+    return write_atomically(target, write, overwrite=overwrite)
 
 
 def check_writable(target: str | os.PathLike, *, overwrite: bool, what: str = "output") -> Path:
