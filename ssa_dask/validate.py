@@ -118,12 +118,15 @@ def missing_zarr_chunks(array: Any) -> list[str]:
     list of str
         Missing keys relative to the array, e.g. ``["c/3/0"]``; empty when complete.
     """
+    store_root = getattr(array.store_path.store, "root", None)
+    if store_root is None:  # not a directory store: nothing to list
+        return []
     grid = array.shards or array.chunks
     shape = tuple(array.shape)
     expected = (
         array.metadata.encode_chunk_key(coords) for coords in product(*(range(ceil(s / c)) for s, c in zip(shape, grid)))
     )
-    root = Path(array.store_path.store.root, array.store_path.path)
+    root = Path(store_root, array.store_path.path)
     present = set(_relative_files(root))
     return [key for key in expected if key not in present]
 

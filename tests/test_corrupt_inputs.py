@@ -188,3 +188,44 @@ def test_a_truncated_h5ad_is_named(sparse_h5ad):
     with pytest.raises(SSAInputError) as excinfo:
         _read_all(sparse_h5ad)
     _assert_named_input_error(excinfo, sparse_h5ad)
+
+
+def test_align_on_a_garbled_h5ad_exits_2_with_one_line_naming_the_file(sparse_h5ad, tmp_path):
+    _garble_h5_dataset(sparse_h5ad, "X/indices")
+    rng = np.random.default_rng(0)
+    spots = ad.AnnData(
+        rng.poisson(2, (40, N_GENES)).astype(np.float32),
+        obs=pd.DataFrame({"x": rng.random(40), "y": rng.random(40)}, index=[f"s{i}" for i in range(40)]),
+        var=pd.DataFrame(index=[f"g{i}" for i in range(N_GENES)]),
+    )
+    spots.write_h5ad(tmp_path / "spots.h5ad")
+    out = tmp_path / "out.zarr"
+    command = "from ssa_dask.cli import main; main()"
+    done = subprocess.run(
+        [sys.executable, "-c", command, "align", str(sparse_h5ad), str(tmp_path / "spots.h5ad"), "-o", str(out),
+         "--scheduler", "threads", "--n-genes", "50"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(ssa_dask.__file__).parents[1]), "COLUMNS": "400"},
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "Traceback" not in output
+    error = next(line for line in output.splitlines() if line.startswith("error:"))
+    assert str(sparse_h5ad) in error and "column index" in error
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_a_deleted_chunk_of_a_plain_zarr_array_is_named(tmp_path, zarr_format):
+    import zarr
+
+    store = tmp_path / "plain.zarr"
+    array = zarr.create_array(str(store), shape=(30, 4), chunks=(10, 4), dtype="float32", zarr_format=zarr_format)
+    array[:] = 1.0
+    array.attrs["genes"] = list("abcd")
+    assert ssa_dask.read_expression(store).X.compute().sum() == 120.0
+    key = "1.0" if zarr_format == 2 else "c/1/0"
+    (store / key).unlink()
+    with pytest.raises(SSAInputError, match=f"array: {key}") as excinfo:
+        ssa_dask.read_expression(store)
+    _assert_named_input_error(excinfo, store)

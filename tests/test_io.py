@@ -17,7 +17,7 @@ import zarr
 
 import ssa_dask
 from ssa_dask.errors import OutputExistsError, SSAInputError
-from ssa_dask.io import check_outputs, check_writable, resolve_local_path, write_atomically
+from ssa_dask.paths import check_outputs, check_writable, resolve_local_path, write_atomically
 
 
 @pytest.fixture
