@@ -54,7 +54,8 @@ def resolve_local_path(path: str | os.PathLike, what: str) -> Path:
     text = os.fspath(path)
     if _URL.match(text):
         raise SSAInputError(
-            f"{what}: URL inputs are not supported ({text}): copy the store to a file system every worker mounts"
+            f"{what}: URLs are not supported ({text}): copy the store to a file system every worker mounts "
+            "and give its path"
         )
     return Path(text).expanduser().resolve()
 

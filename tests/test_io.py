@@ -136,12 +136,12 @@ def test_ingest_takes_relative_paths(tmp_path, monkeypatch, small_adata):
                                  Path("s3://bucket/cells.zarr"), "file:///data/cells.zarr"])
 def test_urls_are_refused_and_make_no_local_folder(tmp_path, monkeypatch, url):
     monkeypatch.chdir(tmp_path)
-    message = "URL inputs are not supported .* copy the store to a file system every worker mounts"
+    message = "URLs are not supported .* copy the store to a file system every worker mounts"
     with pytest.raises(SSAInputError, match=message):
         ssa_dask.read_expression(url)
     with pytest.raises(SSAInputError, match=message):
         ssa_dask.ingest(tmp_path / "missing.h5ad", url)
-    with pytest.raises(SSAInputError, match="--kernel-path: URL inputs"):
+    with pytest.raises(SSAInputError, match="--kernel-path: URLs are not supported"):
         resolve_local_path(url, "--kernel-path")
     assert list(tmp_path.iterdir()) == []
 
@@ -274,3 +274,14 @@ def test_check_outputs_refuses_the_same_path_twice_and_an_input(tmp_path, monkey
         check_outputs({"-o": "cells.zarr"}, overwrite=True, inputs=["cells.zarr"])
     paths = check_outputs({"-o": "out.zarr", "--obs-out": "obs.h5ad", "--unused": None}, overwrite=False)
     assert paths == {"-o": tmp_path / "out.zarr", "--obs-out": tmp_path / "obs.h5ad"}
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_ingest_is_quiet(tmp_path, small_adata, dense, recwarn, capfd):
+    if dense:
+        small_adata.X = small_adata.X.toarray()
+    small_adata.write_h5ad(tmp_path / "a.h5ad")
+    recwarn.clear()
+    ssa_dask.ingest(tmp_path / "a.h5ad", tmp_path / "a.zarr", chunk_rows=40)
+    assert [str(w.message) for w in recwarn] == []
+    assert capfd.readouterr() == ("", "")
