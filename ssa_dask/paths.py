@@ -177,17 +177,18 @@ def write_atomically(target: str | os.PathLike, write: Callable[[Path], None], *
         ``target`` exists (checked first, and again atomically at the end) and ``overwrite`` is
         false; when found at the end, the message names where the result was kept.
     SSAInputError
-        The output could not be written (file-system error, e.g. a full disk); nothing is left.
+        The output could not be written (file-system error, e.g. a full disk): nothing is left; or
+        the finished output could not be moved into place: the message says where it was kept.
     """
     target = resolve_local_path(target, "output")
     if os.path.lexists(target):
         if not overwrite:
             raise OutputExistsError(f"{target} exists; pass overwrite=True (CLI: --overwrite) to replace it")
         _check_replaceable(target, "output")
-    target.parent.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex[:8]
     tmp = target.with_name(f".{target.name}.partial-{run_id}")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         _fsync_tree(tmp)
     except BaseException as exc:
@@ -195,17 +196,22 @@ def write_atomically(target: str | os.PathLike, write: Callable[[Path], None], *
         if isinstance(exc, OSError):
             raise SSAInputError(f"cannot write {target}: {exc.strerror or exc}") from exc
         raise
-    if overwrite:
-        _replace(tmp, target)
-    elif not _move_no_replace(tmp, target):
-        kept = target.with_name(f"{target.stem}.ssa-result-{run_id}{target.suffix}")
-        os.rename(tmp, kept)
+    kept = target.with_name(f"{target.stem}.ssa-result-{run_id}{target.suffix}")
+    try:
+        moved = _replace(tmp, target) if overwrite else _move_no_replace(tmp, target)
+        if not moved:
+            os.rename(tmp, kept)
         _fsync_dir(target.parent)
+    except OSError as exc:
+        where = tmp if os.path.lexists(tmp) else kept
+        raise SSAInputError(
+            f"cannot move the finished result into place at {target} ({exc.strerror or exc}); it was kept at {where}"
+        ) from exc
+    if not moved:
         raise OutputExistsError(
             f"{target} was written by someone else while this run was writing it; this run's result was kept "
             f"at {kept} (move it into place, or rerun with --overwrite)"
         )
-    _fsync_dir(target.parent)
     log.debug("wrote %s", target)
     return target
 
@@ -244,7 +250,7 @@ def _move_no_replace(tmp: Path, target: Path) -> bool:
     return True
 
 
-def _replace(tmp: Path, target: Path) -> None:
+def _replace(tmp: Path, target: Path) -> bool:
     """Move ``tmp`` onto ``target``, replacing whatever is there (a folder is moved aside first)."""
     if target.is_dir() and not target.is_symlink():
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
@@ -253,6 +259,7 @@ def _replace(tmp: Path, target: Path) -> None:
         _remove(old)
     else:
         os.replace(tmp, target)
+    return True
 
 
 def _fsync_tree(path: Path) -> None:

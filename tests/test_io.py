@@ -285,3 +285,14 @@ def test_ingest_is_quiet(tmp_path, small_adata, dense, recwarn, capfd):
     ssa_dask.ingest(tmp_path / "a.h5ad", tmp_path / "a.zarr", chunk_rows=40)
     assert [str(w.message) for w in recwarn] == []
     assert capfd.readouterr() == ("", "")
+
+
+def test_a_failure_to_move_the_result_into_place_keeps_it_and_says_where(tmp_path, monkeypatch):
+    def refuse(*args):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(os, "link", refuse)  # simulated: root cannot be refused by file permissions
+    with pytest.raises(SSAInputError, match="cannot move the finished result into place .*Permission denied") as excinfo:
+        write_atomically(tmp_path / "out.h5ad", lambda tmp: tmp.write_text("result"))
+    kept = Path(str(excinfo.value).rsplit("kept at ", 1)[1])
+    assert kept.read_text() == "result" and not (tmp_path / "out.h5ad").exists()
