@@ -108,7 +108,7 @@ def add_to_anndata(adata: Any, result: xr.Dataset, *, key_added: str = "ssa") ->
 
 def write_result(result: xr.Dataset, path: str, *, overwrite: bool = False) -> None:
     """Write the result Dataset to a Zarr store atomically (aside, then renamed into place)."""
-    from ssa_dask.io import write_atomically
+    from ssa_dask.paths import write_atomically
 
     write_atomically(path, lambda tmp: result.to_zarr(str(tmp), mode="w", consolidated=False), overwrite=overwrite)
 

@@ -309,7 +309,7 @@ def _local_cluster(n_workers: int | None, threads_per_worker: int | None, memory
             memory_limit=memory_limit if memory_limit is not None else "auto",
             host=options.pop("host", "127.0.0.1"),
             dashboard_address=dashboard_address or options.pop("dashboard_address", "127.0.0.1:0"),
-            silence_logs=logging.ERROR,
+            silence_logs=logging.CRITICAL,
             **options,
         )
 

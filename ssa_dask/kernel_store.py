@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import time
@@ -38,6 +37,7 @@ import numpy as np
 import psutil
 
 from ssa_dask.errors import SSAError, SSAInputError
+from ssa_dask.paths import resolve_local_path
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ OWNER_FILE = "owner.json"
 MANIFEST_FILE = "manifest.json"
 COST_ARRAY = "cost.zarr"
 KERNEL_ARRAY = "kernel.zarr"
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class KernelStoreError(SSAError):
@@ -55,11 +54,11 @@ class KernelStoreError(SSAError):
 
 
 def local_directory(path: str | os.PathLike | None, what: str) -> Path | None:
-    """``path`` as an absolute local directory path; URLs are refused.
+    """``path`` as an absolute local directory path (None stays None); URLs are refused.
 
-    Kernel blocks are memory-mapped, which needs a file system (local, or shared such as NFS/Lustre/
-    GPFS on a multi-machine cluster); an object-store URL would otherwise become a local folder
-    named ``s3:``.
+    Kernel blocks are memory-mapped, which needs a file system (local scratch, or a shared one such
+    as NFS/Lustre/GPFS on a multi-machine cluster); an object-store URL would otherwise become a
+    local folder named ``s3:``.
 
     Raises
     ------
@@ -68,15 +67,9 @@ def local_directory(path: str | os.PathLike | None, what: str) -> Path | None:
     """
     if path is None:
         return None
-    text = os.fspath(path)
-    if _URL.match(text):
-        raise SSAInputError(
-            f"{what} {text!r} is a URL; the kernel store is memory-mapped and needs a file system every worker "
-            "mounts (local scratch, or NFS/Lustre/GPFS on a cluster)"
-        )
-    resolved = Path(text).expanduser().resolve()
+    resolved = resolve_local_path(path, what)
     if resolved.exists() and not resolved.is_dir():
-        raise SSAInputError(f"{what} {resolved} exists and is not a directory")
+        raise SSAInputError(f"{what}: {resolved} exists and is not a directory")
     return resolved
 
 

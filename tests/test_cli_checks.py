@@ -53,7 +53,7 @@ BAD_OPTIONS = [
     (["--memory-limit", "lots"], r"--memory-limit 'lots' is not a size"),
     (["--n-workers", "0"], r"--n-workers must be a positive integer"),
     (["--scheduler", "bogus"], r"unknown scheduler 'bogus'"),
-    (["--kernel-path", "s3://bucket/scratch"], r"--kernel-path 's3://bucket/scratch' is a URL"),
+    (["--kernel-path", "s3://bucket/scratch"], r"--kernel-path: URLs are not supported"),
     (["--tls-cert", "cert.pem"], r"TLS needs all of --tls-ca-file, --tls-cert and --tls-key"),
     (["--scheduler", "tls://127.0.0.1:1"], r"needs TLS credentials"),
 ]
@@ -91,7 +91,7 @@ def test_obs_out_equal_to_out_is_refused(inputs, tmp_path):
     sc, spots = inputs
     out = tmp_path / "same"
     code, output = run([str(sc), str(spots), "-o", str(out), "--obs-out", str(out), "--scheduler", "threads"])
-    assert_one_line_error(code, output, r"--obs-out and -o are the same path")
+    assert_one_line_error(code, output, r"--obs-out: .* is -o")
     assert not out.exists()
 
 

@@ -114,7 +114,7 @@ def test_stale_stores_of_dead_runs_are_swept(tmp_path):
 def test_kernel_path_url_is_refused_without_creating_a_folder(tmp_path, counts_problem, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sc, spots = counts_problem
-    with pytest.raises(SSAInputError, match="is a URL"):
+    with pytest.raises(SSAInputError, match="URLs are not supported"):
         ssa_dask.align(sc, spots, n_genes=30, kernel_storage="zarr", kernel_path="s3://bucket/scratch")
     assert list(tmp_path.iterdir()) == []
 

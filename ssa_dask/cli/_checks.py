@@ -9,7 +9,6 @@ message names the problem and the option.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from ssa_dask.errors import SSAInputError
@@ -41,18 +40,6 @@ def memory_limit(text: str | None) -> None:
         raise SSAInputError(
             f"--memory-limit {text!r} is {value} bytes per worker; give a unit, e.g. {text}GiB (at least 256MiB)"
         )
-
-
-def distinct_outputs(**paths: Path | None) -> None:
-    """Refuse two outputs (or an output and an input) that are one path."""
-    seen: dict[Path, str] = {}
-    for option, path in paths.items():
-        if path is None:
-            continue
-        resolved = Path(path).expanduser().resolve()
-        if resolved in seen:
-            raise SSAInputError(f"{option} and {seen[resolved]} are the same path ({resolved}); give different paths")
-        seen[resolved] = option
 
 
 def cluster_size(n_workers: int | None, threads_per_worker: int | None) -> None:

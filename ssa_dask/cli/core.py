@@ -150,7 +150,8 @@ def _preflight(sc: Path, spots: Path, out: Path, obs_out: Path | None, checkpoin
     """Every check that needs no cluster; returns the (lazily) opened inputs and the TLS credentials."""
     from ssa_dask.cli import _checks
     from ssa_dask.cluster import check_scheduler
-    from ssa_dask.io import check_writable, read_expression
+    from ssa_dask.io import read_expression
+    from ssa_dask.paths import check_outputs
     from ssa_dask.kernel_store import check_free_space, local_directory
 
     _checks.numeric_options(options)
@@ -158,12 +159,9 @@ def _preflight(sc: Path, spots: Path, out: Path, obs_out: Path | None, checkpoin
     _checks.cluster_size(n_workers, threads_per_worker)
     check_scheduler(scheduler)
     security = tls_security(*(str(p) if p else None for p in tls))
-    _checks.distinct_outputs(**{"-o": out, "--obs-out": obs_out, "--checkpoint": checkpoint, "SC": sc, "SPOTS": spots})
-    check_writable(out, overwrite=overwrite, what="-o")
-    if obs_out is not None:
-        check_writable(obs_out, overwrite=overwrite, what="--obs-out")
+    outputs = check_outputs({"-o": out, "--obs-out": obs_out}, overwrite=overwrite, inputs=[sc, spots])
     if checkpoint is not None:
-        check_writable(checkpoint, overwrite=True, what="--checkpoint")
+        check_outputs({"--checkpoint": checkpoint}, overwrite=True, inputs=[sc, spots, *outputs.values()])
     scratch = local_directory(kernel_path, "--kernel-path")
     cells = read_expression(sc, layer=read["sc_layer"], gene_key=read["gene_key"], log1p=read["log1p"], role="scRNA")
     spot_matrix = read_expression(spots, layer=read["spots_layer"], gene_key=read["gene_key"], log1p=read["log1p"],
@@ -208,7 +206,7 @@ def _write_obs(result: Any, path: Path, overwrite: bool) -> None:
     import pandas as pd
 
     from ssa_dask.assign import add_to_anndata
-    from ssa_dask.io import write_atomically
+    from ssa_dask.paths import write_atomically
 
     adata = ad.AnnData(obs=pd.DataFrame(index=pd.Index(result["cell"].values, dtype=str)))
     add_to_anndata(adata, result)
