@@ -180,13 +180,21 @@ def _check_names(values: Sequence[str] | pd.Index, n: int, what: str, role: str)
     return index
 
 
-def _coords_from_obs(obs: pd.DataFrame | None, obsm: Any) -> np.ndarray | None:
+def _coords_from_obs(obs: pd.DataFrame | None, obsm: Any, role: str = "matrix") -> np.ndarray | None:
+    """Spatial coordinates from obs ``x``/``y`` or obsm ``spatial``; numbers required."""
     if obs is not None and {"x", "y"} <= set(obs.columns):
-        return obs[["x", "y"]].to_numpy(dtype=np.float64)
-    if obsm is not None and "spatial" in obsm:
-        spatial = np.asarray(obsm["spatial"], dtype=np.float64)
-        return spatial[:, :2]
-    return None
+        values, where = obs[["x", "y"]], "obs columns x, y"
+    elif obsm is not None and "spatial" in obsm:
+        values, where = obsm["spatial"], "obsm['spatial']"
+    else:
+        return None
+    try:
+        coords = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise SSAInputError(f"{role}: the coordinates in {where} are not numbers ({exc})") from None
+    if coords.ndim != 2 or coords.shape[1] < 2:
+        raise SSAInputError(f"{role}: the coordinates in {where} have shape {coords.shape}; expected (rows, 2)")
+    return coords[:, :2]
 
 
 def _row_chunked(X: da.Array, chunk_rows: int | None) -> da.Array:
@@ -230,7 +238,7 @@ def _from_anndata(adata: Any, *, layer, gene_key, chunk_rows, role) -> Expressio
         X=Xd,
         genes=_check_names(genes, Xd.shape[1], "gene names", role),
         names=_check_names(adata.obs_names, Xd.shape[0], "row names", role),
-        coords=_coords_from_obs(obs, adata.obsm),
+        coords=_coords_from_obs(obs, adata.obsm, role),
         obs=obs,
     )
 
@@ -295,7 +303,7 @@ def _from_anndata_store(group: Any, path: Path, backend: str, *, layer, gene_key
         X=stored.lazy(rows),
         genes=_check_names(genes, stored.shape[1], "gene names", role),
         names=_check_names(obs.index, stored.shape[0], "row names", role),
-        coords=_coords_from_obs(obs, obsm),
+        coords=_coords_from_obs(obs, obsm, role),
         obs=obs,
     )
 

@@ -161,3 +161,15 @@ def test_drop_empty_leaves_empty_cells_unassigned(tmp_path, counts_problem):
     result = xr.open_zarr(out)
     assert int(result["assigned"].sum()) == sc.shape[0] - 2
     assert list(np.flatnonzero(~result["assigned"].values)) == [3, 17]
+
+
+def test_string_spot_coordinates_are_refused_with_a_message(tmp_path, counts_problem):
+    sc, spots = counts_problem
+    genes = [f"g{i}" for i in range(sc.shape[1])]
+    sc_path, spots_path = tmp_path / "sc.h5ad", tmp_path / "spots.h5ad"
+    ad.AnnData(sc.astype(np.float32), var=pd.DataFrame(index=genes)).write_h5ad(sc_path)
+    obs = pd.DataFrame({"x": [f"row{i}" for i in range(spots.shape[0])], "y": "north"},
+                       index=[f"s{i}" for i in range(spots.shape[0])])
+    ad.AnnData(spots.astype(np.float32), var=pd.DataFrame(index=genes), obs=obs).write_h5ad(spots_path)
+    code, output = run([str(sc_path), str(spots_path), "-o", str(tmp_path / "o.zarr"), "--scheduler", "threads"])
+    assert_one_line_error(code, output, r"spots: the coordinates in obs columns x, y are not numbers")
