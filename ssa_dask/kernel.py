@@ -281,10 +281,16 @@ def _run_group(func: Callable[..., Any], reduce: Literal["sum", "logsumexp"] | N
     return results if reduce is None else _REDUCTIONS[reduce](results)
 
 
+def _log_sum_exp(parts: list[np.ndarray]) -> np.ndarray:
+    """``log sum_k exp(parts[k])`` elementwise; non-finite inputs give non-finite outputs, silently."""
+    with np.errstate(invalid="ignore"):
+        return np.logaddexp.reduce(np.asarray(parts), axis=0)
+
+
 #: How :meth:`Kernel.map_blocks` combines per-block arrays: a plain sum, or a log-sum-exp of logs.
 _REDUCTIONS: dict[str, Callable[[list[np.ndarray]], np.ndarray]] = {
     "sum": lambda parts: np.sum(parts, axis=0),
-    "logsumexp": lambda parts: np.logaddexp.reduce(np.asarray(parts), axis=0),
+    "logsumexp": _log_sum_exp,
 }
 
 

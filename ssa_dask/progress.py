@@ -55,6 +55,11 @@ class SinkhornProgress:
         self._bar.update(self._task, completed=iteration, description=f"Sinkhorn  err {error:.2e}{self._target}")
 
     @property
+    def is_running(self) -> bool:
+        """Whether the bar is being drawn (between entering and leaving the ``with`` block)."""
+        return self._bar.live.is_started
+
+    @property
     def completed(self) -> int:
         """The iteration the bar shows."""
         return int(self._bar.tasks[0].completed)
