@@ -179,6 +179,20 @@ def test_log_column_marginal_is_an_exact_log_sum_exp(eps, block_rows):
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-9)
 
 
+def test_log_domain_top_k_is_finite_and_ordered_at_tiny_eps():
+    rng = np.random.default_rng(2)
+    D = rng.random((50, 10)).astype(np.float32)
+    p = np.full(50, 1 / 50)
+    g = 1e-3 * rng.standard_normal(10)
+    eps = 1e-6  # the 2nd and 3rd best entries of each row are exp(-1e3) and below: 0 in float64
+    kernel = kernel_from_array(D, eps=eps, block_rows=16, log_domain=True)
+    index, probability, f = kernel.top_k(p, g, 3, Executor())
+    score = g[None, :] - D.astype(np.float64)
+    np.testing.assert_array_equal(index, np.argsort(-score, axis=1, kind="stable")[:, :3])
+    np.testing.assert_allclose(probability[:, 0], 1.0)
+    np.testing.assert_allclose(f, eps * np.log(p) - score.max(axis=1), rtol=1e-12, atol=1e-9)
+
+
 def test_warm_start_from_a_solution_needs_one_iteration(kernel_problem):
     cost, p, q, eps = kernel_problem
     kernel = kernel_from_array(np.exp(-cost / eps), eps=eps, block_rows=100)
