@@ -274,8 +274,8 @@ def _split(indices: list[int], parts: int) -> list[list[int]]:
     return [run.tolist() for run in runs if len(run)]
 
 
-def _run_group(func: Callable[..., Any], reduce: Literal["sum", "logsumexp"] | None, blocks: list[Any], *per_block: list[Any],
-               **kwargs: Any) -> Any:
+def _run_group(func: Callable[..., Any], reduce: Literal["sum", "logsumexp"] | None, blocks: list[Any],
+               *per_block: list[Any], **kwargs: Any) -> Any:
     """Run ``func`` over the blocks of one task, one after the other; reduce the results when asked."""
     results = [func(block, *(values[i] for values in per_block), **kwargs) for i, block in enumerate(blocks)]
     return results if reduce is None else _REDUCTIONS[reduce](results)

@@ -249,7 +249,8 @@ def _non_finite(kernel: Kernel, iteration: int, log_column: np.ndarray) -> Sinkh
     where = f"{bad.size} spot(s), first: spot {bad[0]}"
     if kernel.log_domain:
         return SinkhornNumericalError(
-            f"Sinkhorn iteration {iteration}: non-finite column marginal in the log domain ({where}, eps={kernel.eps:.3g}). "
+            f"Sinkhorn iteration {iteration}: non-finite column marginal in the log domain ({where}, "
+            f"eps={kernel.eps:.3g}). "
             "The log domain is stable for any eps > 0, so the cost blocks hold NaN or infinite values (bad input) "
             "or this is a bug in ssa_dask; please report it"
         )
@@ -315,13 +316,14 @@ class Checkpoint:
             return None
         try:
             with np.load(self.path) as saved:
-                g, saved_eps, iteration = np.asarray(saved["g"], np.float64), float(saved["eps"]), int(saved["iteration"])
+                g = np.asarray(saved["g"], np.float64)
+                saved_eps, iteration = float(saved["eps"]), int(saved["iteration"])
         except Exception as exc:  # a damaged file: zip, pickle, key or value errors alike
             raise SSAInputError(f"checkpoint {self.path} cannot be read ({exc}); remove it to start afresh") from exc
         if g.shape != (n_spots,) or not np.isclose(saved_eps, eps, rtol=1e-6):
             raise SSAInputError(
-                f"checkpoint {self.path} is for {g.shape[0] if g.ndim == 1 else g.shape} spots and eps={saved_eps:.6g}, "
-                f"this run has {n_spots} spots and eps={eps:.6g}; remove it to start afresh"
+                f"checkpoint {self.path} holds a potential of shape {g.shape} and eps={saved_eps:.6g}, this run has "
+                f"{n_spots} spots and eps={eps:.6g}; remove it to start afresh"
             )
         if iteration < 1 or not np.all(np.isfinite(g)):
             raise SSAInputError(f"checkpoint {self.path} holds a damaged state; remove it to start afresh")

@@ -274,8 +274,8 @@ def test_callbacks_run_in_order_and_the_bar_follows_the_iterations(kernel_proble
     output = io.StringIO()
     with SinkhornProgress(100, start_iteration=2, tol=1e-7, console=Console(file=output, force_terminal=True)) as bar:
         assert bar.is_running and bar.completed == 2
-        result = sinkhorn(kernel, p, q, tol=1e-7, max_iter=100, start_iteration=2,
-                          callback=[lambda i, *_: calls.append(("first", i)), bar, lambda i, *_: calls.append(("second", i))])
+        first, second = (lambda i, *_: calls.append(("first", i))), (lambda i, *_: calls.append(("second", i)))
+        result = sinkhorn(kernel, p, q, tol=1e-7, max_iter=100, start_iteration=2, callback=[first, bar, second])
         assert bar.completed == result.n_iter
     assert not bar.is_running
     assert calls == [(name, i) for i in range(3, result.n_iter + 1) for name in ("first", "second")]
