@@ -154,7 +154,7 @@ def sinkhorn(
     """
     executor = executor or Executor()
     n_cells, n_spots = kernel.shape
-    _check_iterations(tol, max_iter, start_iteration)
+    check_iteration_options(tol, max_iter, start_iteration)
     q = _check_masses(q, n_spots, "q", "spot")
     if not isinstance(p, list):
         p = _check_masses(p, n_cells, "p", "cell")
@@ -192,7 +192,11 @@ def sinkhorn(
                           log_domain=kernel.log_domain, seconds=seconds, start_iteration=start_iteration)
 
 
-def _check_iterations(tol: float, max_iter: int, start_iteration: int) -> None:
+def check_iteration_options(tol: float, max_iter: int, start_iteration: int = 0) -> None:
+    """Raise :class:`SSAInputError` naming the problem unless the iteration options are usable.
+
+    :func:`sinkhorn` calls it first; a pipeline can call it before any data is read or computed.
+    """
     for name, value in (("max_iter", max_iter), ("start_iteration", start_iteration)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise SSAInputError(f"{name} must be an integer, got {value!r}")
