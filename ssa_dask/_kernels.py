@@ -6,7 +6,7 @@ potential ``g`` (``b = exp(g / eps)``) and the row masses ``p_I``, each sweep
 1. updates the row scaling of every row ``i`` of the block,
    ``a_i = p_i / sum_j K_ij b_j``  (log domain: ``f_i = eps log p_i - eps LSE_j((g_j - D_ij)/eps)``),
 2. adds the block's share of the column marginal of the plan ``T = diag(a) K diag(b)``,
-   ``out_j += a_i K_ij b_j``,
+   ``out_j += a_i K_ij b_j`` (the log domain returns ``log sum_i T_ij`` instead, exact at any eps),
 
 row by row, so the row is still in cache for step 2 and the block is read from memory once.
 The functions release the GIL, so Dask threads run blocks in parallel.
@@ -87,42 +87,97 @@ def kernel_sweep(K: np.ndarray, p: np.ndarray, b: np.ndarray, out: np.ndarray) -
         out[j] += acc[j] * b[j]
 
 
-@numba.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
-def log_sweep(D: np.ndarray, p: np.ndarray, g: np.ndarray, eps: float, out: np.ndarray) -> None:
-    """Add the plan's column marginal of one block to ``out`` (log domain, stabilised).
+#: Fast-math flags of the log-domain sweep: those of ``fastmath=True`` except "no NaN / no inf", so
+#: ``-inf`` and ``exp`` underflow keep their IEEE meaning.
+_LOG_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+#: A block's column sum accumulated in the linear domain is used when it is at least ``exp(-600)``:
+#: every term lost to underflow is below 1e-323, so the sum is then exact to ``n_rows * 1e-62``
+#: (relative).  Smaller sums are recomputed as a log-sum-exp over the block.
+_LINEAR_FLOOR = float(np.exp(-600.0))
 
-    Row ``i`` of the plan after its row update is
-    ``T_ij = p_i exp((g_j - D_ij)/eps - m_i) / sum_l exp((g_l - D_il)/eps - m_i)`` with
-    ``m_i = max_l (g_l - D_il)/eps``, so no exponential overflows and every row sums to ``p_i``.
+
+@numba.njit(nogil=True, fastmath=_LOG_FASTMATH, cache=True, error_model="numpy")
+def log_sweep(D: np.ndarray, p: np.ndarray, g: np.ndarray, eps: float, out: np.ndarray) -> None:
+    """Write the log of the plan's column marginal of one block to ``out`` (log domain, stabilised).
+
+    Row ``i`` of the plan after its row update is ``T_ij = p_i exp(t_ij - m_i) / s_i`` with
+    ``t_ij = (g_j - D_ij)/eps``, ``m_i = max_l t_il`` and ``s_i = sum_l exp(t_il - m_i)``, so no
+    exponential overflows and every row sums to ``p_i``; ``log T_ij = r_i + t_ij`` with
+    ``r_i = log(p_i / s_i) - m_i``.
+
+    The block's column sums ``sum_i T_ij`` are first accumulated in float64 in the same pass (one
+    ``exp`` per entry).  A column whose sum is at least ``_LINEAR_FLOOR`` is exact; any other
+    column (all of its entries in this block tiny: eps very small, far from every cell of the
+    block) is recomputed as ``log sum_i exp(r_i + t_ij)`` with its column maximum taken first,
+    so its log marginal is exact at any eps, however far below float64's range it lies.
 
     Parameters
     ----------
     D : (n, S) float32 array
         Cost block.
     p : (n,) float64 array
-        Row masses of the block.
+        Row masses of the block (positive).
     g : (S,) float64 array
         Column potential.
     eps : float
         Entropic regularisation.
     out : (S,) float64 array
-        Accumulator of the plan's column marginal; updated in place.
+        Receives ``log sum_i T_ij`` of the block.
     """
     n, s = D.shape
     inv_eps = 1.0 / eps
     buf = np.empty(s, dtype=np.float64)
+    linear = np.zeros(s, dtype=np.float64)
+    row_offset = np.empty(n, dtype=np.float64)
     for i in range(n):
-        m = -np.inf
+        m = (g[0] - D[i, 0]) * inv_eps
         for j in range(s):
             t = (g[j] - D[i, j]) * inv_eps
             buf[j] = t
-            if t > m:
-                m = t
+            m = max(m, t)
         total = 0.0
         for j in range(s):
             e = np.exp(buf[j] - m)
             buf[j] = e
             total += e
         c = p[i] / total
+        row_offset[i] = np.log(c) - m
         for j in range(s):
-            out[j] += c * buf[j]
+            linear[j] += c * buf[j]
+    n_starved = 0
+    for j in range(s):
+        if linear[j] >= _LINEAR_FLOOR:
+            out[j] = np.log(linear[j])
+        else:
+            n_starved += 1
+    if n_starved:
+        starved = np.empty(n_starved, dtype=np.int64)
+        k = 0
+        for j in range(s):
+            if linear[j] < _LINEAR_FLOOR:
+                starved[k] = j
+                k += 1
+        _log_sum_columns(D, g, inv_eps, row_offset, starved, out)
+
+
+@numba.njit(nogil=True, fastmath=_LOG_FASTMATH, cache=True, error_model="numpy")
+def _log_sum_columns(D: np.ndarray, g: np.ndarray, inv_eps: float, row_offset: np.ndarray, columns: np.ndarray,
+                     out: np.ndarray) -> None:
+    """``out[j] = log sum_i exp(row_offset_i + (g_j - D_ij)/eps)`` for ``j`` in ``columns``: max first, then the sum."""
+    n = D.shape[0]
+    k = columns.size
+    top = np.empty(k, dtype=np.float64)
+    for c in range(k):
+        j = columns[c]
+        top[c] = row_offset[0] + (g[j] - D[0, j]) * inv_eps
+    for i in range(1, n):
+        for c in range(k):
+            j = columns[c]
+            top[c] = max(top[c], row_offset[i] + (g[j] - D[i, j]) * inv_eps)
+    acc = np.zeros(k, dtype=np.float64)
+    for i in range(n):
+        for c in range(k):
+            j = columns[c]
+            acc[c] += np.exp(row_offset[i] + (g[j] - D[i, j]) * inv_eps - top[c])
+    for c in range(k):
+        out[columns[c]] = top[c] + np.log(acc[c])

@@ -104,11 +104,13 @@ class Kernel:
         chunks = (tuple(np.diff(self.bounds).tolist()),)
         return executor.materialize_blocks(da.from_array(values, chunks=chunks, name=False))
 
-    def column_marginal(self, p: Any, g: np.ndarray, executor: Executor) -> np.ndarray:
+    def column_marginal(self, p: Any, g: np.ndarray, executor: Executor, *, log: bool = False) -> np.ndarray:
         """Column marginal of the plan after the row update, in one pass over the blocks.
 
         With ``b = exp(g / eps)`` and ``a = p / (K b)``, returns ``b * (K^T a)``: the column sums of
-        ``T = diag(a) K diag(b)``, whose row sums are ``p`` exactly.
+        ``T = diag(a) K diag(b)``, whose row sums are ``p`` exactly.  In the log domain each block
+        gives the log of its column sums (exact at any eps) and the blocks are combined by a
+        log-sum-exp, so ``log=True`` never leaves the floating-point range there.
 
         Parameters
         ----------
@@ -117,13 +119,21 @@ class Kernel:
         g : (n_spots,) float64 array
             Column potential.
         executor : Executor
+        log : bool
+            Return ``log`` of the marginal (in the kernel domain, the log of the summed marginal:
+            ``-inf`` where it underflowed).
 
         Returns
         -------
         (n_spots,) float64 array
         """
-        return self.map_blocks(_column_marginal_block, executor, self.row_vector(p, executor), reduce_sum=True,
-                               g=np.asarray(g, np.float64), eps=self.eps, log_domain=self.log_domain)
+        marginal = self.map_blocks(_column_marginal_block, executor, self.row_vector(p, executor),
+                                   reduce="logsumexp" if self.log_domain else "sum", g=np.asarray(g, np.float64),
+                                   eps=self.eps, log_domain=self.log_domain)
+        if log == self.log_domain:
+            return marginal
+        with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
+            return np.log(marginal) if log else np.exp(marginal)
 
     def top_k(self, p: Any, g: np.ndarray, k: int, executor: Executor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ``k`` largest entries of each row of the plan, their row-normalised weight, and ``f``.
@@ -158,32 +168,45 @@ class Kernel:
         if axis == 1:
             return np.concatenate(self.map_blocks(_apply_rows, executor, v=v, eps=self.eps, log_domain=self.log_domain))
         if axis == 0:
-            return self.map_blocks(_apply_columns, executor, self.row_vector(v, executor), reduce_sum=True, eps=self.eps,
+            return self.map_blocks(_apply_columns, executor, self.row_vector(v, executor), reduce="sum", eps=self.eps,
                                    log_domain=self.log_domain)
         raise ValueError("axis must be 0 or 1")
 
-    def map_blocks(self, func: Callable[..., Any], executor: Executor, *per_block: list[Any], reduce_sum: bool = False,
-                   **kwargs: Any) -> Any:
+    def map_blocks(self, func: Callable[..., Any], executor: Executor, *per_block: list[Any],
+                   reduce: Literal["sum", "logsumexp"] | None = None, **kwargs: Any) -> Any:
         """Apply ``func(block, *per_block_args, **kwargs)`` to every block, with few, large tasks.
 
         Blocks are grouped into one task per worker thread: on a cluster each task takes blocks held
         by the worker it runs on (no block moves), so an iteration costs a handful of tasks however
         many blocks there are.
 
+        Parameters
+        ----------
+        func : callable
+            Called as ``func(block, *per_block_args, **kwargs)``.
+        executor : Executor
+        *per_block : lists
+            Values split like the blocks (e.g. from :meth:`row_vector`).
+        reduce : {"sum", "logsumexp"}, optional
+            Combine the per-block arrays inside each task and then across tasks: their sum, or
+            ``log sum exp`` of arrays that hold logs (stable for any magnitude).
+        **kwargs
+            Passed to every call.
+
         Returns
         -------
         list or numpy.ndarray
-            The per-block results in block order, or their sum when ``reduce_sum``.
+            The per-block results in block order, or their reduction.
         """
         groups = self._task_groups(executor)
         outputs = executor.map(
-            partial(_run_group, func, reduce_sum),
+            partial(_run_group, func, reduce),
             [[self.blocks[i] for i in group] for group in groups],
             *[[[values[i] for i in group] for group in groups] for values in per_block],
             **kwargs,
         )
-        if reduce_sum:
-            return np.sum(outputs, axis=0)
+        if reduce is not None:
+            return _REDUCTIONS[reduce](outputs)
         ordered: list[Any] = [None] * len(self.blocks)
         for group, results in zip(groups, outputs):
             for index, result in zip(group, results):
@@ -222,10 +245,24 @@ def _split(indices: list[int], parts: int) -> list[list[int]]:
     return [run.tolist() for run in runs if len(run)]
 
 
-def _run_group(func: Callable[..., Any], reduce_sum: bool, blocks: list[Any], *per_block: list[Any], **kwargs: Any) -> Any:
-    """Run ``func`` over the blocks of one task, one after the other."""
+def _run_group(func: Callable[..., Any], reduce: Literal["sum", "logsumexp"] | None, blocks: list[Any],
+               *per_block: list[Any], **kwargs: Any) -> Any:
+    """Run ``func`` over the blocks of one task, one after the other; reduce the results when asked."""
     results = [func(block, *(values[i] for values in per_block), **kwargs) for i, block in enumerate(blocks)]
-    return np.sum(results, axis=0) if reduce_sum else results
+    return results if reduce is None else _REDUCTIONS[reduce](results)
+
+
+def _log_sum_exp(parts: list[np.ndarray]) -> np.ndarray:
+    """``log sum_k exp(parts[k])`` elementwise; non-finite inputs give non-finite outputs, silently."""
+    with np.errstate(invalid="ignore"):
+        return np.logaddexp.reduce(np.asarray(parts), axis=0)
+
+
+#: How :meth:`Kernel.map_blocks` combines per-block arrays: a plain sum, or a log-sum-exp of logs.
+_REDUCTIONS: dict[str, Callable[[list[np.ndarray]], np.ndarray]] = {
+    "sum": lambda parts: np.sum(parts, axis=0),
+    "logsumexp": _log_sum_exp,
+}
 
 
 def _gibbs(block: Any, eps: float, log_domain: bool) -> np.ndarray:
@@ -247,6 +284,7 @@ def _scaling(g: np.ndarray, eps: float) -> np.ndarray:
 
 
 def _column_marginal_block(block: Any, p: np.ndarray, g: np.ndarray, eps: float, log_domain: bool) -> np.ndarray:
+    """The block's share of the plan's column marginal; its log in the log domain."""
     values = _resolve(block)
     out = np.zeros(values.shape[1], dtype=np.float64)
     rows = np.ascontiguousarray(p, dtype=np.float64)
@@ -262,26 +300,30 @@ def _top_k_block(block: Any, p: np.ndarray, g: np.ndarray, eps: float, log_domai
 
     Row ``i`` of the plan is proportional to ``K_ij b_j``.  In the kernel domain the scores stay
     float32 like the kernel (row sums in float64); the log domain works in float64, where the
-    scores span a range float32 cannot resolve.
+    scores span a range float32 cannot resolve: each row is shifted by its maximum (so its sum is
+    at least 1 and ``f`` is finite at any eps) and ranked by its log scores, which keep their order
+    where the scores themselves underflow to 0.
     """
     values = _resolve(block)
     if log_domain:
         log_score = (g[None, :] - np.asarray(values, np.float64)) / eps
         shift = log_score.max(axis=1, keepdims=True)
-        score = np.exp(log_score - shift)
+        rank = log_score - shift
+        score = np.exp(rank)
         log_offset = shift[:, 0]
     else:
         score = values * _scaling(g, eps).astype(np.float32)[None, :]
+        rank = score
         log_offset = np.full(values.shape[0], g.max() / eps)
     row_sum = score.sum(axis=1, dtype=np.float64)
     if k == 1:
-        top = score.argmax(axis=1)[:, None]
-    elif k < score.shape[1]:
-        top = np.argpartition(-score, k - 1, axis=1)[:, :k]
+        top = rank.argmax(axis=1)[:, None]
+    elif k < rank.shape[1]:
+        top = np.argpartition(-rank, k - 1, axis=1)[:, :k]
     else:
-        top = np.tile(np.arange(k), (score.shape[0], 1))
+        top = np.tile(np.arange(k), (rank.shape[0], 1))
     top_score = np.take_along_axis(score, top, axis=1).astype(np.float64)
-    order = np.argsort(-top_score, axis=1, kind="stable")
+    order = np.argsort(-np.take_along_axis(rank, top, axis=1), axis=1, kind="stable")
     top = np.take_along_axis(top, order, axis=1)
     probability = np.take_along_axis(top_score, order, axis=1) / row_sum[:, None]
     f = eps * (np.log(p) - np.log(row_sum) - log_offset)
