@@ -12,12 +12,14 @@ from ssa_dask.align import align
 from ssa_dask.assign import add_to_anndata, assignment_dataset, read_result, write_result
 from ssa_dask.cluster import Executor, connect
 from ssa_dask.cost import PearsonCost, cost_blocks
-from ssa_dask.errors import ConvergenceWarning, OutputExistsError, SSAError, SSAInputError
+from ssa_dask.errors import ConvergenceWarning, OutputExistsError, SSAClusterError, SSAError, SSAInputError
 from ssa_dask.genes import GeneSelection, select_genes, top_variance_genes
 from ssa_dask.io import ExpressionMatrix, ingest, read_expression
 from ssa_dask.kernel import Kernel, build_kernel, kernel_from_array
+from ssa_dask.kernel_store import KernelStoreError
 from ssa_dask.reference import ssa_dense
-from ssa_dask.sinkhorn import Checkpoint, SinkhornNumericalError, SinkhornResult, sinkhorn
+from ssa_dask.progress import SinkhornProgress
+from ssa_dask.sinkhorn import Checkpoint, SavedState, SinkhornNumericalError, SinkhornResult, sinkhorn
 from ssa_dask.standardize import MatrixSummary, summarize
 
 __version__ = "0.1.0"
@@ -29,12 +31,16 @@ __all__ = [
     "ExpressionMatrix",
     "GeneSelection",
     "Kernel",
+    "KernelStoreError",
     "MatrixSummary",
     "OutputExistsError",
     "PearsonCost",
+    "SSAClusterError",
     "SSAError",
     "SSAInputError",
+    "SavedState",
     "SinkhornNumericalError",
+    "SinkhornProgress",
     "SinkhornResult",
     "add_to_anndata",
     "align",

@@ -22,7 +22,8 @@ from ssa_dask.genes import select_genes
 from ssa_dask.io import ExpressionMatrix, read_expression
 from ssa_dask.kernel import build_kernel
 from ssa_dask.kernel_store import local_directory
-from ssa_dask.sinkhorn import DEFAULT_MAX_ITER, DEFAULT_TOL, Checkpoint, sinkhorn
+from ssa_dask.progress import SinkhornProgress
+from ssa_dask.sinkhorn import DEFAULT_MAX_ITER, DEFAULT_TOL, Checkpoint, check_iteration_options, sinkhorn
 from ssa_dask.standardize import MatrixSummary, summarize
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ def align(
         raise SSAInputError(f"top_k must be at least 1, got {top_k}")
     if marginals not in ("total", "uniform"):
         raise SSAInputError(f"marginals must be 'total' or 'uniform', got {marginals!r}")
+    check_iteration_options(tol, max_iter)
     _check_scratch(kernel_path, checkpoint, block_rows)
     checkpoint = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
     cells = read_expression(sc, layer=sc_layer, gene_key=gene_key, log1p=log1p, role="scRNA")
@@ -195,11 +197,12 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
         p = kernel.row_vector(_masses(cell_summary.row_totals, marginals), executor)
         q = _masses(spot_summary.row_totals, marginals)
         saver = Checkpoint(checkpoint) if checkpoint else None
-        if saver is not None:
-            resumed = saver.load(n_spots, kernel.eps)
-            init_g = resumed if resumed is not None else init_g
-        result = sinkhorn(kernel, p, q, tol=tol, max_iter=max_iter, init_g=init_g, executor=executor, progress=progress,
-                          callback=saver)
+        state = saver.resume(n_spots, kernel.eps) if saver is not None else None
+        start_iteration = state.iteration if state is not None else 0
+        with SinkhornProgress(max_iter, start_iteration=start_iteration, tol=tol, disable=not progress) as bar:
+            result = sinkhorn(kernel, p, q, tol=tol, max_iter=max_iter, executor=executor,
+                              init_g=state.g if state is not None else init_g, start_iteration=start_iteration,
+                              callback=[bar] if saver is None else [bar, saver])
         if saver is not None and result.converged:
             saver.path.unlink(missing_ok=True)
         top_spot, top_probability, f = kernel.top_k(p, result.g, top_k, executor)
@@ -213,6 +216,7 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
         "eps": kernel.eps,
         "max_cost": kernel.max_cost,
         "n_iter": result.n_iter,
+        "resumed_from_iteration": result.start_iteration,
         "marginal_error": result.marginal_error,
         "converged": int(result.converged),
         "tol": tol,

@@ -282,3 +282,36 @@ def test_default_blocks_align_with_stored_chunks():
     assert default_block_rows(1_000_000, 4000, 5000, 2, stored_rows=1000) == 6000
     # few cells: one block per thread
     assert default_block_rows(300, 25, 40, 2) == 150
+
+
+@pytest.mark.parametrize("lam", [0.05, 0.005])
+def test_reported_potentials_rebuild_the_reference_plan(counts_problem, lam):
+    sc, spots = counts_problem
+    ds = ssa_dask.align(sc, spots, n_genes=30, lam=lam, tol=1e-7, max_iter=50_000)
+    assert ds.attrs["converged"] == 1
+    reference = ssa_dense(sc, spots, n_genes=30, lam=lam, tol=1e-11, max_iter=200_000)
+    f, g, eps = ds["potential"].values, np.asarray(ds.attrs["column_potential"]), ds.attrs["eps"]
+
+    def plan_of(column_potential):  # from the reported potentials alone, no row update re-applied
+        return np.exp((f[:, None] + column_potential[None, :] - reference.cost) / eps)
+
+    plan = plan_of(g)
+    np.testing.assert_allclose(plan.sum(1), reference.plan.sum(1), rtol=1e-4)
+    np.testing.assert_allclose(plan.sum(0), reference.plan.sum(0), rtol=1e-4)
+    np.testing.assert_allclose(plan, reference.plan, rtol=1e-3, atol=1e-12)
+    wrong = plan_of(g + 0.02 * eps * np.random.default_rng(0).standard_normal(g.shape))
+    assert not np.allclose(wrong.sum(0), reference.plan.sum(0), rtol=1e-4)
+
+
+def test_checkpoint_resume_counts_the_iterations_before_it(counts_problem, tmp_path):
+    sc, spots = counts_problem
+    whole = ssa_dask.align(sc, spots, n_genes=30, tol=1e-7)
+    state = tmp_path / "state.npz"
+    with pytest.warns(ssa_dask.ConvergenceWarning):
+        ssa_dask.align(sc, spots, n_genes=30, tol=1e-7, max_iter=15, checkpoint=str(state))  # cut off: saved at 10
+    assert state.exists()
+    resumed = ssa_dask.align(sc, spots, n_genes=30, tol=1e-7, checkpoint=str(state))
+    assert resumed.attrs["n_iter"] == whole.attrs["n_iter"] > 15
+    assert resumed.attrs["resumed_from_iteration"] == 10
+    np.testing.assert_array_equal(resumed["spot"].values, whole["spot"].values)
+    assert not state.exists()  # removed once converged
