@@ -21,8 +21,10 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,14 +37,11 @@ from ssa_dask.errors import SSAClusterError, SSAInputError
 
 log = logging.getLogger(__name__)
 
-#: Options used when the cluster config leaves them out (a modest job on a typical site).
-DEFAULT_OPTIONS: dict[str, Any] = {
-    "cores": 4,
-    "processes": 1,
-    "memory": "16GiB",
-    "walltime": "04:00:00",
-    "death_timeout": 120,
-}
+#: Options used when neither the cluster config nor the dask config ``jobqueue.slurm`` sets them
+#: (a modest job on a typical site).
+DEFAULT_OPTIONS: dict[str, Any] = {"cores": 4, "processes": 1, "memory": "16GiB"}
+#: Options that :func:`check_options` compares with what ``sinfo`` reports.
+CHECKED_OPTIONS = ("queue", "cores", "job_cpu", "memory", "job_mem", "walltime")
 #: Prefix of the job name of every worker job (``ssa-worker-<run id>``).
 JOB_NAME_PREFIX = "ssa-worker"
 #: Where the run's TLS key and certificates go when ``shared_temp_directory`` is not set.
@@ -50,6 +49,8 @@ DEFAULT_SHARED_TEMP = "~/.ssa_dask/tls"
 #: How long a lost worker job is given to reconnect before it is cancelled and replaced.
 LOST_WORKER_TIMEOUT = "3s"
 _COMMAND_TIMEOUT = 60.0
+#: Job states of a job that is gone or going (COMPLETING: cancelled, resources being released).
+_ENDED = ("COMPLETING", "COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,9 @@ def slurm_cluster(
         Worker jobs to keep running (a job that dies is replaced).
     options : dict
         Keyword arguments of ``SLURMCluster`` (e.g. from ``deploy/slurm/cluster.yaml``); missing
-        ones come from :data:`DEFAULT_OPTIONS`. ``shared_temp_directory`` is where the run's TLS
-        files are written (a directory the worker nodes read; default :data:`DEFAULT_SHARED_TEMP`).
+        ones come from the dask config ``jobqueue.slurm``, then :data:`DEFAULT_OPTIONS`.
+        ``shared_temp_directory`` is where the run's TLS files are written (a directory the worker
+        nodes read; default :data:`DEFAULT_SHARED_TEMP`).
     insecure : bool
         Plain ``tcp://`` instead of TLS: anyone who reaches the scheduler can run code as you.
     timeout : float
@@ -102,11 +104,11 @@ def slurm_cluster(
     if n_workers < 1:
         raise SSAInputError(f"n_workers must be at least 1, got {n_workers}")
     run_id = os.environ.get("SSA_RUN_ID") or secrets.token_hex(4)
-    options = {**DEFAULT_OPTIONS, **options}
+    options = with_defaults(options)
     job_name = f"{options.pop('job_name', None) or JOB_NAME_PREFIX}-{run_id}"
     shared_temp = options.pop("shared_temp_directory", None) or DEFAULT_SHARED_TEMP
     if shutil.which("sinfo"):
-        check_options(options, node_groups())
+        check_options({key: _configured(options, key) for key in CHECKED_OPTIONS}, node_groups())
     failures: list[str] = []
     with contextlib.ExitStack() as stack:
         # A worker whose connection is lost is a job that is gone (scancel, preemption, node
@@ -119,7 +121,8 @@ def slurm_cluster(
         else:
             tls_dir = stack.enter_context(_private_directory(shared_temp))
             security = temporary_security(tls_dir)
-        scheduler_options = {"dashboard_address": "127.0.0.1:0", **(options.pop("scheduler_options", None) or {})}
+        scheduler_options = {"dashboard_address": "127.0.0.1:0", **(_configured(options, "scheduler_options") or {})}
+        options.pop("scheduler_options", None)
         try:
             cluster = SLURMCluster(job_name=job_name, security=security, scheduler_options=scheduler_options,
                                    job_cls=_recording_job_class(failures), **options)
@@ -132,6 +135,20 @@ def slurm_cluster(
         log.info("SLURM: %d worker job(s) named %s for scheduler %s", n_workers, job_name, cluster.scheduler_address)
         _wait_for_workers(cluster, n_workers, job_name, failures, timeout)
         yield cluster
+
+
+def with_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` without its ``None`` values (unset, as for dask-jobqueue) plus
+    :data:`DEFAULT_OPTIONS` for what neither they nor the dask config set."""
+    given = {key: value for key, value in options.items() if value is not None}
+    return {**{key: value for key, value in DEFAULT_OPTIONS.items() if _configured(given, key) is None}, **given}
+
+
+def _configured(options: dict[str, Any], key: str) -> Any:
+    """The value dask-jobqueue will use for ``key``: from ``options``, else the dask config."""
+    if options.get(key) is not None:
+        return options[key]
+    return dask.config.get(f"jobqueue.slurm.{key.replace('_', '-')}", None)
 
 
 def node_groups() -> list[NodeGroup]:
@@ -224,7 +241,9 @@ def cancel_jobs(job_name: str, job_ids: list[str] = ()) -> None:  # type: ignore
     commands.append(["scancel", f"--name={job_name}", f"--user={getpass.getuser()}"])
     for command in commands:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run(command, capture_output=True, timeout=_COMMAND_TIMEOUT, check=False)
+            # its own session: a Ctrl-C in the terminal does not reach scancel
+            subprocess.run(command, capture_output=True, timeout=_COMMAND_TIMEOUT, check=False,
+                           start_new_session=True)
 
 
 def _recording_job_class(failures: list[str]) -> type:
@@ -263,7 +282,16 @@ def _wait_for_workers(cluster: Any, n_workers: int, job_name: str, failures: lis
 
 
 def _cancel_all(cluster: Any, job_name: str) -> None:
-    """Cancel every worker job of this run, close the cluster, and check that squeue is empty."""
+    """Cancel every worker job of this run, close the cluster, and check that squeue is empty.
+
+    A second Ctrl-C or SIGTERM while this runs is held back until it is done, so that it cannot
+    leave jobs behind; it is raised (as ``KeyboardInterrupt``) afterwards.
+    """
+    with _interrupts_deferred():
+        _cancel_and_close(cluster, job_name)
+
+
+def _cancel_and_close(cluster: Any, job_name: str) -> None:
     job_ids = [job.job_id for job in list(cluster.workers.values()) if getattr(job, "job_id", None)]
     cancel_jobs(job_name, job_ids)
     with contextlib.suppress(Exception):
@@ -272,13 +300,31 @@ def _cancel_all(cluster: Any, job_name: str) -> None:
     left: list[tuple[str, str, str]] = []
     while time.monotonic() < deadline:
         with contextlib.suppress(SSAClusterError):
-            left = [job for job in our_jobs(job_name) if job[1] not in ("COMPLETED", "CANCELLED", "FAILED")]
+            left = [job for job in our_jobs(job_name) if job[1] not in _ENDED]
             if not left:
                 return
         cancel_jobs(job_name)
         time.sleep(0.5)
     if left:
         log.warning("SLURM jobs still listed after cancelling: %s", ", ".join(job[0] for job in left))
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while the block runs (main thread only); re-raise one after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt(signal.Signals(received[0]).name)
 
 
 def _test_only(script: str) -> None:

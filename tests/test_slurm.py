@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ import yaml
 
 from slurm_cluster import LocalSlurm, missing_binaries
 from ssa_dask import _slurm
-from ssa_dask.errors import SSAClusterError
+from ssa_dask.errors import ConvergenceWarning, SSAClusterError
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH_SCRIPT = ROOT / "deploy" / "slurm" / "align.sbatch"
@@ -100,8 +102,10 @@ def problem(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     paths = {"sc": root / "sc.h5ad", "spots": root / "spots.h5ad"}
     for name, options in (("short", SHORT), ("long", LONG)):
         out = root / f"threads_{name}.zarr"
-        done = CliRunner().invoke(app, ["align", str(paths["sc"]), str(paths["spots"]), "-o", str(out),
-                                        "--scheduler", "threads", *options])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # LONG stops at max_iter on purpose
+            done = CliRunner().invoke(app, ["align", str(paths["sc"]), str(paths["spots"]), "-o", str(out),
+                                            "--scheduler", "threads", *options])
         assert done.exit_code == 0, done.output
         paths[name] = out
     return paths
@@ -233,21 +237,48 @@ def test_sigterm_to_cli_cancels_worker_jobs(slurm, test_config, problem, tmp_pat
 
 
 def test_scancel_of_sbatch_driver_cancels_worker_jobs(slurm, test_config, problem, tmp_path):
-    out = tmp_path / "sbatch.zarr"
-    submitted = subprocess.run(
-        ["sbatch", "--parsable", "--cpus-per-task=1", "--mem=2G", f"--output={tmp_path / 'driver.log'}",
-         str(SBATCH_SCRIPT), str(problem["sc"]), str(problem["spots"]), str(out), "--n-workers", "1", *LONG],
-        cwd=tmp_path, env={k: v for k, v in _env("unused", SSA_CLUSTER_CONFIG=str(test_config)).items()
-                           if k != "SSA_RUN_ID"},
-        capture_output=True, text=True, timeout=30, check=True)
-    job_id = submitted.stdout.strip().split(";")[0]
+    job_id = _submit_driver(problem, tmp_path, test_config, LONG)
     name = f"ssa-worker-{job_id}"
     _wait_for(lambda: _jobs_named(slurm, name, ("RUNNING",)), 60, "no worker job of the driver running")
     time.sleep(3)
     slurm.run("scancel", job_id)
     _wait_for(lambda: not _jobs_named(slurm, name), 10, "worker jobs left in the queue after scancel of the driver")
     _wait_for(lambda: not [j for j in slurm.jobs() if j["id"] == job_id], 30, "the driver job did not end")
-    assert not out.exists()
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_sbatch_driver_cancels_worker_jobs_when_ssa_dask_is_killed(slurm, test_config, problem, tmp_path):
+    """The fallback of align.sbatch: when ssa-dask dies without cleaning up (SIGKILL, out of
+    memory), the script cancels the worker jobs by name."""
+    job_id = _submit_driver(problem, tmp_path, test_config, LONG)
+    name = f"ssa-worker-{job_id}"
+    _wait_for(lambda: _jobs_named(slurm, name, ("RUNNING",)), 60, "no worker job of the driver running")
+    listed = slurm.run("scontrol", "listpids", job_id).stdout.split()
+    ssa_dask = [pid for pid in listed if pid.isdigit() and _is_ssa_dask(pid)]
+    assert len(ssa_dask) == 1, listed
+    os.kill(int(ssa_dask[0]), signal.SIGKILL)
+    _wait_for(lambda: not _jobs_named(slurm, name), 10, "worker jobs left in the queue after ssa-dask was killed")
+    _wait_for(lambda: slurm.job_state(job_id) == "FAILED", 30, "the driver job did not fail")
+
+
+def _submit_driver(problem: dict[str, Any], tmp_path: Path, config: Path, options: list[str]) -> str:
+    """Submit align.sbatch (config from SSA_CLUSTER_CONFIG, driver 1 CPU and 2 GiB); its job id."""
+    env = {k: v for k, v in _env("unused", SSA_CLUSTER_CONFIG=str(config)).items() if k != "SSA_RUN_ID"}
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--cpus-per-task=1", "--mem=2G", f"--output={tmp_path / 'driver.log'}",
+         str(SBATCH_SCRIPT), str(problem["sc"]), str(problem["spots"]), str(tmp_path / "out.zarr"),
+         "--n-workers", "1", *options],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30, check=True)
+    return submitted.stdout.strip().split(";")[0]
+
+
+def _is_ssa_dask(pid: str) -> bool:
+    """Whether process ``pid`` is Python running ``ssa-dask align``."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    return Path(argv[0]).name.startswith("python") and "align" in argv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +321,7 @@ def test_sbatch_failure_is_reported(slurm, test_config, tmp_path, monkeypatch):
     """A submission that sbatch refuses after ``--test-only`` passed (a QOS limit, say): its error, fast."""
     fake = tmp_path / "bin" / "sbatch"
     fake.parent.mkdir()
-    real = subprocess.run(["bash", "-c", "command -v sbatch"], capture_output=True, text=True, check=True).stdout.strip()
+    real = shutil.which("sbatch")
     fake.write_text(f"#!/bin/bash\n[ \"$1\" = --test-only ] && exec {real} \"$@\"\n"
                     "echo 'sbatch: error: QOSMaxSubmitJobPerUserLimit' >&2\n"
                     "echo 'sbatch: error: Batch job submission failed: Job violates accounting/QOS policy' >&2\n"
@@ -309,11 +340,12 @@ def test_sbatch_failure_is_reported(slurm, test_config, tmp_path, monkeypatch):
 # TLS
 
 
-def test_scheduler_speaks_tls_only(slurm, test_config):
+def test_scheduler_speaks_tls_only(slurm, test_config, tmp_path):
     from distributed import Client
     from distributed.security import Security
 
-    with _slurm.slurm_cluster(1, yaml.safe_load(test_config.read_text()), timeout=60) as cluster:
+    options = {**yaml.safe_load(test_config.read_text()), "shared_temp_directory": str(tmp_path / "tls")}
+    with _slurm.slurm_cluster(1, options, timeout=60) as cluster:
         address = cluster.scheduler_address
         assert address.startswith("tls://127.0.0.1:")
         strangers = Security.temporary()  # valid TLS credentials, but not this cluster's
@@ -324,9 +356,10 @@ def test_scheduler_speaks_tls_only(slurm, test_config):
         with Client(cluster) as client:  # cluster.security holds the credentials
             assert client.submit(sum, [1, 2, 3]).result(timeout=30) == 6
             assert all(w.startswith("tls://") for w in client.scheduler_info()["workers"])
-        tls_dirs = list((test_config.parent / "tls").glob("ssa-tls-*"))
-        assert len(tls_dirs) == 1 and {p.stat().st_mode & 0o777 for p in tls_dirs[0].iterdir()} == {0o600}
-    assert not list((test_config.parent / "tls").glob("ssa-tls-*"))  # credentials removed with the run
+        tls_dirs = list((tmp_path / "tls").glob("ssa-tls-*"))
+        assert len(tls_dirs) == 1 and tls_dirs[0].stat().st_mode & 0o777 == 0o700
+        assert {p.stat().st_mode & 0o777 for p in tls_dirs[0].iterdir()} == {0o600}
+    assert not list((tmp_path / "tls").glob("ssa-tls-*"))  # credentials removed with the run
 
 
 def test_insecure_opt_out_warns(slurm, test_config, caplog):
@@ -370,7 +403,7 @@ def test_check_options_accepts_what_fits():
 def test_shipped_cluster_yaml_fits_a_typical_site_and_marks_site_values():
     text = (ROOT / "deploy" / "slurm" / "cluster.yaml").read_text()
     options = yaml.safe_load(text)
-    _slurm.check_options({**_slurm.DEFAULT_OPTIONS, **options}, SITE)
+    _slurm.check_options(_slurm.with_defaults(options), SITE)
     for key in ("queue", "account", "cores", "memory", "walltime", "interface", "local_directory",
                 "shared_temp_directory"):
         assert re.search(rf"^{key}:.*# SITE|# SITE.*\n(#.*\n)*{key}:", text, re.MULTILINE), key
