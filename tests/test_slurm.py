@@ -216,15 +216,21 @@ def test_cancelled_worker_job_is_replaced_and_result_identical(slurm, test_confi
 # killing the driver leaves no job
 
 
-def test_sigterm_to_cli_cancels_worker_jobs(slurm, test_config, problem, tmp_path):
+@pytest.mark.parametrize("extra_jobs", [0, 1], ids=["mid-run", "while-a-job-is-pending"])
+def test_sigterm_to_cli_cancels_worker_jobs(slurm, test_config, problem, tmp_path, extra_jobs):
+    """SIGTERM (scancel, walltime) to ``ssa-dask``: computing, or still waiting for a queued job."""
     run_id = _run_id()
     name = f"ssa-worker-{run_id}"
     out = tmp_path / "slurm.zarr"
-    proc = subprocess.Popen(_align_args(problem, out, test_config, LONG), env=_env(run_id), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    args = _align_args(problem, out, test_config, LONG) + ["--n-workers", str(1 + extra_jobs * slurm.cpus)]
+    proc = subprocess.Popen(args, env=_env(run_id), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         _wait_for(lambda: _jobs_named(slurm, name, ("RUNNING",)), 60, "no worker job running")
-        time.sleep(3)
+        if extra_jobs:
+            _wait_for(lambda: _jobs_named(slurm, name, ("PENDING",)), 30, "no worker job pending")
+        else:
+            time.sleep(3)
         assert proc.poll() is None, "the run ended before it could be killed"
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
