@@ -89,7 +89,7 @@ def slurm_cluster(
     Yields
     ------
     dask_jobqueue.SLURMCluster
-        With ``n_workers`` workers connected.
+        With the Dask workers of ``n_workers`` jobs connected (``processes`` workers per job).
 
     Raises
     ------
@@ -106,11 +106,13 @@ def slurm_cluster(
     run_id = os.environ.get("SSA_RUN_ID") or secrets.token_hex(4)
     options = with_defaults(options)
     job_name = f"{options.pop('job_name', None) or JOB_NAME_PREFIX}-{run_id}"
-    shared_temp = options.pop("shared_temp_directory", None) or DEFAULT_SHARED_TEMP
+    shared_temp = _configured(options, "shared_temp_directory") or DEFAULT_SHARED_TEMP
+    options.pop("shared_temp_directory", None)
     if shutil.which("sinfo"):
         check_options({key: _configured(options, key) for key in CHECKED_OPTIONS}, node_groups())
-    failures: list[str] = []
+    failures: list[BaseException] = []
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_logged_elsewhere(failures))
         # A worker whose connection is lost is a job that is gone (scancel, preemption, node
         # failure): replace it after a few seconds instead of distributed's default 15 s.
         stack.enter_context(dask.config.set({"distributed.deploy.lost-worker-timeout": LOST_WORKER_TIMEOUT}))
@@ -133,7 +135,8 @@ def slurm_cluster(
         _test_only(cluster.job_script())
         cluster.adapt(minimum_jobs=n_workers, maximum_jobs=n_workers)
         log.info("SLURM: %d worker job(s) named %s for scheduler %s", n_workers, job_name, cluster.scheduler_address)
-        _wait_for_workers(cluster, n_workers, job_name, failures, timeout)
+        workers_per_job = int(_configured(options, "processes") or 1)
+        _wait_for_workers(cluster, n_workers * workers_per_job, job_name, failures, timeout)
         yield cluster
 
 
@@ -246,8 +249,8 @@ def cancel_jobs(job_name: str, job_ids: list[str] = ()) -> None:  # type: ignore
                            start_new_session=True)
 
 
-def _recording_job_class(failures: list[str]) -> type:
-    """A ``SLURMJob`` that appends sbatch's error to ``failures`` when a submission fails."""
+def _recording_job_class(failures: list[BaseException]) -> type:
+    """A ``SLURMJob`` that appends the exception to ``failures`` when a submission fails."""
     from dask_jobqueue.slurm import SLURMJob
 
     class RecordingSLURMJob(SLURMJob):
@@ -255,17 +258,39 @@ def _recording_job_class(failures: list[str]) -> type:
             try:
                 await super().start()
             except Exception as exc:
-                failures.append(_sbatch_reason(str(exc)))
+                failures.append(exc)
                 raise
 
     return RecordingSLURMJob
 
 
-def _wait_for_workers(cluster: Any, n_workers: int, job_name: str, failures: list[str], timeout: float) -> None:
+@contextlib.contextmanager
+def _logged_elsewhere(failures: list[BaseException]) -> Iterator[None]:
+    """Keep the tracebacks of failed submissions (recorded in ``failures`` and reported in the
+    :class:`SSAClusterError`) out of tornado's and asyncio's logs while the block runs."""
+
+    class DropRecorded(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            exc = record.exc_info[1] if record.exc_info else None
+            return not any(exc is failure for failure in failures)
+
+    drop = DropRecorded()
+    loggers = [logging.getLogger(name) for name in ("tornado.application", "asyncio")]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
+def _wait_for_workers(cluster: Any, n_workers: int, job_name: str, failures: list[BaseException],
+                      timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if failures:
-            raise SSAClusterError(f"sbatch refused a worker job: {failures[0]}")
+            raise SSAClusterError(f"sbatch refused a worker job: {_sbatch_reason(str(failures[0]))}")
         connected = len(cluster.scheduler_info.get("workers", {}))
         if connected >= n_workers:
             return

@@ -323,7 +323,7 @@ def test_pending_workers_time_out_with_squeue_reason(slurm, test_config):
     _wait_for(lambda: not [j for j in slurm.jobs() if j["name"].startswith("ssa-worker")], 10, "jobs left")
 
 
-def test_sbatch_failure_is_reported(slurm, test_config, tmp_path, monkeypatch):
+def test_sbatch_failure_is_reported(slurm, test_config, tmp_path, monkeypatch, caplog):
     """A submission that sbatch refuses after ``--test-only`` passed (a QOS limit, say): its error, fast."""
     fake = tmp_path / "bin" / "sbatch"
     fake.parent.mkdir()
@@ -340,6 +340,7 @@ def test_sbatch_failure_is_reported(slurm, test_config, tmp_path, monkeypatch):
         with _slurm.slurm_cluster(1, yaml.safe_load(test_config.read_text()), timeout=60):
             pass
     assert time.monotonic() - start < 20
+    assert not [r for r in caplog.records if r.exc_info], "the failed submission's traceback was logged"
 
 
 # ---------------------------------------------------------------------------------------------
