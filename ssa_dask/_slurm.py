@@ -215,7 +215,11 @@ def temporary_security(directory: Path) -> Any:
     """
     from distributed.security import Security
 
-    temporary = Security.temporary()
+    try:
+        temporary = Security.temporary()
+    except ImportError as exc:
+        raise SSAInputError("TLS for the SLURM scheduler needs the cryptography package: "
+                            "pip install 'ssa_dask[slurm]'") from exc
     files = {}
     for field in ("tls_ca_file", "tls_worker_cert", "tls_worker_key"):
         path = directory / f"{field}.pem"
