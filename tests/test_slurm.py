@@ -294,7 +294,7 @@ def _is_ssa_dask(pid: str) -> bool:
 @pytest.mark.parametrize(("change", "expected"), [
     ({"queue": "normal"}, r"partition 'normal' does not exist\. Partitions: debug \(default\)"),
     ({"cores": 64}, r"64 cores per job do not fit a node of partition 'debug'"),
-])
+], ids=["missing-partition", "too-many-cores"])
 def test_bad_config_fails_fast(slurm, test_config, problem, tmp_path, change, expected):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({**yaml.safe_load(test_config.read_text()), **change}))
@@ -393,7 +393,7 @@ SITE = [
     ({"queue": "normal", "cores": 8, "job_mem": "200G"}, "204800 MiB per job"),
     ({"queue": "bigmem", "cores": 8, "memory": "32GiB", "walltime": "2-00:00:00"}, "exceeds the time limit"),
     ({"queue": "old", "cores": 8, "memory": "32GiB"}, "partition 'old' is down"),
-])
+], ids=["missing-partition", "too-many-cores", "too-much-memory", "job_mem", "walltime", "partition-down"])
 def test_check_options_refuses_what_no_node_can_run(options, expected):
     with pytest.raises(SSAClusterError, match=re.escape(expected)) as info:
         _slurm.check_options({"walltime": "04:00:00", **options}, SITE)
@@ -417,3 +417,15 @@ def test_shipped_cluster_yaml_fits_a_typical_site_and_marks_site_values():
     script = SBATCH_SCRIPT.read_text()
     assert "dirname" not in script and "SLURM_SUBMIT_DIR" in script and '"$@"' in script
     subprocess.run(["bash", "-n", str(SBATCH_SCRIPT)], check=True, timeout=10)
+
+
+def test_second_interrupt_during_cleanup_is_held_back_then_raised():
+    """Ctrl-C or SIGTERM while the worker jobs are being cancelled must not cut the cancelling short."""
+    finished, before = False, signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        with _slurm._interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            finished = True
+    assert finished
+    assert signal.getsignal(signal.SIGTERM) == before
