@@ -4,7 +4,8 @@ One context manager, :func:`slurm_cluster`, that
 
 - checks the options against ``sinfo`` (partition, cores and memory of its nodes, walltime) and
   asks ``sbatch --test-only`` about the worker job script before anything is submitted;
-- names every worker job ``ssa-worker-<run id>`` so that it can be found and cancelled by name;
+- names every worker job ``ssa-worker-<run id>`` so that it can be found and cancelled by name
+  (the run id is ``$SSA_RUN_ID`` when set, as ``deploy/slurm/align.sbatch`` does, else random);
 - keeps ``n_workers`` jobs alive (``adapt``: a job lost to ``scancel`` or preemption is replaced);
 - waits for the workers with a timeout and fails with sbatch's or squeue's own reason, never hangs;
 - on any exit (return, exception, Ctrl-C, SIGTERM) cancels every worker job and checks ``squeue``;
@@ -26,7 +27,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,10 +240,15 @@ def our_jobs(job_name: str) -> list[tuple[str, str, str]]:
     """``(job id, state, reason)`` of this user's jobs named ``job_name``, from ``squeue``."""
     out = _run(["squeue", "--noheader", f"--name={job_name}", f"--user={getpass.getuser()}",
                 "--format=%i|%T|%r"], "squeue")
-    return [tuple(line.strip().split("|", 2)) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
+    jobs = []
+    for line in out.splitlines():
+        if line.strip():
+            job_id, state, reason = line.strip().split("|", 2)
+            jobs.append((job_id, state, reason))
+    return jobs
 
 
-def cancel_jobs(job_name: str, job_ids: list[str] = ()) -> None:  # type: ignore[assignment]
+def cancel_jobs(job_name: str, job_ids: Sequence[str] = ()) -> None:
     """Cancel jobs by id and, as a fallback, every job of this user named ``job_name``."""
     commands = [["scancel", *job_ids]] if job_ids else []
     commands.append(["scancel", f"--name={job_name}", f"--user={getpass.getuser()}"])
