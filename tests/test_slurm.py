@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SBATCH_SCRIPT = ROOT / "deploy" / "slurm" / "align.sbatch"
 #: Options of a run that converges quickly, and of one that runs ~400 Sinkhorn iterations (~15 s).
 SHORT = ["--block-rows", "500"]
-LONG = ["--tol", "0", "--max-iter", "400", "--block-rows", "250"]
+LONG = ["--tol", "1e-300", "--max-iter", "400", "--block-rows", "250"]
 CLI = [sys.executable, "-c", "from ssa_dask.cli import main; main()"]
 
 
