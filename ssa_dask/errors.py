@@ -19,6 +19,10 @@ class SSAClusterError(SSAError):
     """The Dask cluster could not be started or reached (the message gives the scheduler's reason)."""
 
 
+class OutputWriteError(SSAError):
+    """The output could not be written (a file-system error such as a full disk); nothing was left."""
+
+
 class OutputExistsError(SSAError, FileExistsError):
     """The output path exists and ``overwrite`` was not requested."""
 

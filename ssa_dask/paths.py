@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from ssa_dask.errors import OutputExistsError, SSAInputError
+from ssa_dask.errors import OutputExistsError, OutputWriteError, SSAInputError
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +176,10 @@ def write_atomically(target: str | os.PathLike, write: Callable[[Path], None], *
     OutputExistsError
         ``target`` exists (checked first, and again atomically at the end) and ``overwrite`` is
         false; when found at the end, the message names where the result was kept.
+    OutputWriteError
+        The output could not be written (file-system error, e.g. a full disk): nothing is left.
     SSAInputError
-        The output could not be written (file-system error, e.g. a full disk): nothing is left; or
-        the finished output could not be moved into place: the message says where it was kept.
+        The finished output could not be moved into place: the message says where it was kept.
     """
     target = resolve_local_path(target, "output")
     if os.path.lexists(target):
@@ -194,7 +195,7 @@ def write_atomically(target: str | os.PathLike, write: Callable[[Path], None], *
     except BaseException as exc:
         _remove(tmp)
         if isinstance(exc, OSError):
-            raise SSAInputError(f"cannot write {target}: {exc.strerror or exc}") from exc
+            raise OutputWriteError(f"cannot write {target}: {exc.strerror or exc}") from exc
         raise
     kept = target.with_name(f"{target.stem}.ssa-result-{run_id}{target.suffix}")
     try:

@@ -173,3 +173,30 @@ def test_string_spot_coordinates_are_refused_with_a_message(tmp_path, counts_pro
     ad.AnnData(spots.astype(np.float32), var=pd.DataFrame(index=genes), obs=obs).write_h5ad(spots_path)
     code, output = run([str(sc_path), str(spots_path), "-o", str(tmp_path / "o.zarr"), "--scheduler", "threads"])
     assert_one_line_error(code, output, r"spots: the coordinates in obs columns x, y are not numbers")
+
+
+def test_a_full_disk_at_the_last_write_keeps_the_result_and_names_it(inputs, tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    import xarray as xr
+
+    sc, spots = inputs
+    out = tmp_path / "results" / "out.zarr"
+    rescue_dir = tmp_path / "tmp"
+    rescue_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(rescue_dir))
+    real_to_zarr = xr.Dataset.to_zarr
+
+    def full_disk_for_out(self, store, *args, **kwargs):
+        if str(store).startswith(str(out.parent)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_to_zarr(self, store, *args, **kwargs)
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", full_disk_for_out)
+    code, output = run([str(sc), str(spots), "-o", str(out), "--scheduler", "threads", "--n-genes", "30"])
+    assert_one_line_error(code, output, r"cannot write .*out.zarr: No space left on device; the computed result "
+                                        r"was saved to .*ssa-result-out-")
+    assert not out.exists() and list(out.parent.iterdir()) == []  # nothing half-written
+    (kept,) = rescue_dir.glob("ssa-result-out-*.zarr")
+    assert xr.open_zarr(kept, consolidated=False).sizes["cell"] == 300

@@ -226,7 +226,7 @@ def test_a_file_system_error_while_writing_is_one_named_error_and_leaves_nothing
         tmp.write_bytes(b"half")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with pytest.raises(SSAInputError, match="cannot write .*out.h5ad: No space left on device"):
+    with pytest.raises(ssa_dask.errors.OutputWriteError, match="cannot write .*out.h5ad: No space left on device"):
         write_atomically(tmp_path / "out.h5ad", full_disk)
     assert list(tmp_path.iterdir()) == []
 

@@ -33,6 +33,6 @@ def main() -> None:
         if exc.code == 130 or _stopped_by:
             reason = _stopped_by[0] if _stopped_by else "SIGINT"
             console.print(f"[bold red]interrupted[/] by {reason}: the run stopped; its scratch files and worker jobs "
-                          "were cleaned up and no output was written")
+                          "were cleaned up and no output was written", soft_wrap=True)
             sys.exit(130)
         raise

@@ -19,5 +19,5 @@ app = typer.Typer(
 
 def fail(message: str, code: int = 2) -> None:
     """Print ``error: message`` without a traceback and exit with ``code``."""
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)

@@ -14,7 +14,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from ssa_dask.cli._app import app, console, fail
-from ssa_dask.errors import OutputExistsError, SSAError, SSAInputError
+from ssa_dask.errors import OutputExistsError, OutputWriteError, SSAError, SSAInputError
 
 log = logging.getLogger("ssa_dask")
 
@@ -179,14 +179,14 @@ def _write_outputs(result: Any, out: Path, obs_out: Path | None, overwrite: bool
 
     try:
         write_result(result, str(out), overwrite=overwrite)
-    except OSError as exc:
+    except OutputWriteError as exc:
         kept = _rescue(result, out)
-        raise SSAError(f"could not write {out}: {exc.strerror or exc}; the computed result was saved to {kept}") from exc
+        raise SSAError(f"{exc}; the computed result was saved to {kept}") from exc
     if obs_out is not None:
         try:
             _write_obs(result, obs_out, overwrite)
-        except OSError as exc:
-            raise SSAError(f"wrote {out}, but could not write --obs-out {obs_out}: {exc.strerror or exc}") from exc
+        except OutputWriteError as exc:
+            raise SSAError(f"wrote {out}, but {exc}") from exc
 
 
 def _rescue(result: Any, out: Path) -> Path:
