@@ -7,6 +7,7 @@ kernel blocks gives them for every cell.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -107,12 +108,21 @@ def add_to_anndata(adata: Any, result: xr.Dataset, *, key_added: str = "ssa") ->
 
 
 def write_result(result: xr.Dataset, path: str, *, overwrite: bool = False) -> None:
-    """Write the result Dataset to a Zarr store atomically (aside, then renamed into place)."""
+    """Write the result Dataset to a Zarr store atomically (aside, then moved into place).
+
+    Metadata are consolidated, so ``xr.open_zarr(path)`` opens it quietly and in one read.
+    """
     from ssa_dask.paths import write_atomically
 
-    write_atomically(path, lambda tmp: result.to_zarr(str(tmp), mode="w", consolidated=False), overwrite=overwrite)
+    def write(tmp: Any) -> None:
+        with warnings.catch_warnings():
+            # zarr 3 notes that consolidated metadata is outside its spec; xarray and zarr read it.
+            warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+            result.to_zarr(str(tmp), mode="w", consolidated=True)
+
+    write_atomically(path, write, overwrite=overwrite)
 
 
 def read_result(path: str) -> xr.Dataset:
     """Open a result written by :func:`write_result` (or ``ssa-dask align``) lazily."""
-    return xr.open_zarr(str(path), consolidated=False)
+    return xr.open_zarr(str(path), consolidated=True)

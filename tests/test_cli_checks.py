@@ -199,4 +199,4 @@ def test_a_full_disk_at_the_last_write_keeps_the_result_and_names_it(inputs, tmp
                                         r"was saved to .*ssa-result-out-")
     assert not out.exists() and list(out.parent.iterdir()) == []  # nothing half-written
     (kept,) = rescue_dir.glob("ssa-result-out-*.zarr")
-    assert xr.open_zarr(kept, consolidated=False).sizes["cell"] == 300
+    assert xr.open_zarr(kept).sizes["cell"] == 300
