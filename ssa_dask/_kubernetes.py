@@ -280,7 +280,8 @@ def _kube_api(namespace: str | None) -> Any:
     except ImportError as exc:
         raise SSAInputError(f"scheduler 'kubernetes' needs `pip install 'ssa_dask[kubernetes]'` ({exc})") from exc
     try:
-        api = kr8s.api(namespace=namespace)
+        # kr8s caches API objects by their arguments: name the kubeconfig so a changed KUBECONFIG counts
+        api = kr8s.api(namespace=namespace, kubeconfig=os.environ.get("KUBECONFIG"))
         api.version()
     except Exception as exc:  # kr8s raises ValueError, httpx and OS errors: all mean "no cluster"
         where = os.environ.get("KUBECONFIG") or "~/.kube/config"
