@@ -312,6 +312,12 @@ def _pod_problems(api: Any, cluster_name: str, component: str) -> list[str]:
     return problems
 
 
+def _ready(pod: dict) -> bool:
+    """Whether a pod (its raw resource) reports the ``Ready`` condition."""
+    conditions = pod.get("status", {}).get("conditions", [])
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
 #: Container states that do not resolve by waiting.
 _FATAL = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CrashLoopBackOff", "CreateContainerConfigError")
 
@@ -321,7 +327,7 @@ def _wait_for_scheduler(api: Any, cluster_name: str, deadline: float) -> None:
     selector = {"dask.org/cluster-name": cluster_name, "dask.org/component": "scheduler"}
     while True:
         pods = list(api.get("pods", namespace=api.namespace, label_selector=selector))
-        if pods and all(pod.ready() for pod in pods):
+        if pods and all(_ready(pod.raw) for pod in pods):
             return
         problems = _pod_problems(api, cluster_name, "scheduler")
         if any(reason in p for p in problems for reason in _FATAL) or time.monotonic() > deadline:
@@ -395,26 +401,40 @@ def kubernetes_cluster(
             "reach it in the cluster can run code in its pods and read your data"
         )
     api = _kube_api(opts["namespace"])
+    import httpx
     import kr8s
 
+    api_errors = (kr8s.ServerError, kr8s.APITimeoutError, httpx.HTTPError)
     daskcluster_class = kr8s.objects.new_class(kind="DaskCluster", version="kubernetes.dask.org/v1", asyncio=False)
     resource = daskcluster_class(spec, namespace=api.namespace, api=api)
     name = spec["metadata"]["name"]
     try:
         resource.create()
-    except kr8s.ServerError as exc:
-        hint = " (are the Dask operator's CRDs installed?)" if "404" in str(exc) or "not found" in str(exc) else ""
+    except api_errors as exc:
+        missing = getattr(getattr(exc, "response", None), "status_code", None) == 404
+        hint = " (are the Dask operator's CRDs installed? `kubectl get crd daskclusters.kubernetes.dask.org`)" if missing else ""
         raise SSAClusterError(f"the Kubernetes API refused DaskCluster {name!r}: {exc}{hint}") from None
-    try:
-        deadline = time.monotonic() + wait_s
-        _wait_for_scheduler(api, name, deadline)
-        with dask.config.set(tls_config), _scheduler_endpoint(api, name, insecure=insecure) as address:
+    with contextlib.ExitStack() as stack:
+        stack.callback(_delete_quietly, resource)
+        try:
+            deadline = time.monotonic() + wait_s
+            _wait_for_scheduler(api, name, deadline)
+            stack.enter_context(dask.config.set(tls_config))
+            address = stack.enter_context(_scheduler_endpoint(api, name, insecure=insecure))
             _wait_for_workers(api, address, name, n_workers, deadline)
-            log.info("Kubernetes DaskCluster %s/%s ready at %s", api.namespace, name, address)
-            yield address
-    finally:
-        with contextlib.suppress(Exception):
-            resource.delete()
+        except api_errors as exc:
+            raise SSAClusterError(f"Kubernetes API error while starting DaskCluster {name!r}: {exc}") from None
+        log.info("Kubernetes DaskCluster %s/%s ready at %s", api.namespace, name, address)
+        yield address
+
+
+def _delete_quietly(resource: Any) -> None:
+    """Delete the DaskCluster (the operator removes its pods); a failure is logged, not raised."""
+    try:
+        resource.delete()
+    except Exception as exc:  # the run's own outcome matters more than the clean-up's
+        log.warning("could not delete DaskCluster %s: %s; delete it with `kubectl delete daskcluster %s`",
+                    resource.name, exc, resource.name)
 
 
 def _wait_for_workers(api: Any, address: str, cluster_name: str, n_workers: int, deadline: float) -> None:

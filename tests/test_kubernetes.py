@@ -414,3 +414,144 @@ def test_client_credentials_from_the_dask_config(monkeypatch, tmp_path):
     config = k8s.client_tls_config({"client_tls_dir": str(tmp_path / "tls")})
     assert config["distributed.comm.tls.client.key"] == str(paths["key"])
     assert config["distributed.comm.require-encryption"] is True
+
+
+# --- against a stand-in API server: what is created, and the reasons a start fails ----------------
+
+
+class FakeKubeAPI:
+    """Just enough of the Kubernetes API over HTTP for kr8s: records every request, serves the
+    ``pods`` it is given, answers the DaskCluster POST with ``create_status``."""
+
+    def __init__(self, pods: list[dict], create_status: int = 201):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, str, dict | None]] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def reply(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def not_found(self) -> None:
+                self.reply(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
+                                 "reason": "NotFound", "message": f"the server could not find {self.path}"})
+
+            def do_GET(self):  # noqa: N802
+                fake.requests.append(("GET", self.path, None))
+                path = self.path.split("?")[0].rstrip("/")
+                if path == "/version":
+                    return self.reply(200, {"major": "1", "minor": "30", "gitVersion": "v1.30.0"})
+                if path == "/api":
+                    return self.reply(200, {"kind": "APIVersions", "versions": ["v1"]})
+                if path == "/apis":
+                    return self.reply(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+                if path == "/api/v1":
+                    return self.reply(200, {"kind": "APIResourceList", "groupVersion": "v1", "resources": [
+                        {"name": "pods", "singularName": "pod", "namespaced": True, "kind": "Pod",
+                         "verbs": ["get", "list"], "shortNames": ["po"]}]})
+                if path == "/api/v1/namespaces/default/pods":
+                    return self.reply(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": pods})
+                self.not_found()
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append(("POST", self.path, body))
+                if create_status >= 400:
+                    return self.not_found()
+                self.reply(create_status, body)
+
+            def do_DELETE(self):  # noqa: N802
+                fake.requests.append(("DELETE", self.path, None))
+                self.reply(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def kubeconfig(self, path: Path) -> Path:
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{self.server.server_address[1]}"}}],
+            "users": [{"name": "fake", "user": {"token": "fake"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": "default"}}],
+        }))
+        return path
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def scheduler_pod(status: dict) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "status": status,
+            "metadata": {"name": "ssa-dask-scheduler-abc", "namespace": "default",
+                         "labels": {"dask.org/cluster-name": "ssa-dask", "dask.org/component": "scheduler"}}}
+
+
+IMAGE_PULL = scheduler_pod({"phase": "Pending", "conditions": [{"type": "Ready", "status": "False"}],
+                            "containerStatuses": [{"name": "scheduler", "ready": False, "state": {"waiting": {
+                                "reason": "ImagePullBackOff",
+                                "message": 'Back-off pulling image "registry.example.org/ssa-dask:0.1.0"'}}}]})
+UNSCHEDULABLE = scheduler_pod({"phase": "Pending", "conditions": [{
+    "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+    "message": "0/3 nodes are available: 3 Insufficient memory."}]})
+
+
+@pytest.fixture
+def fake_api(no_kube, monkeypatch, tmp_path):
+    """``fake_api(pods, create_status)``: a running FakeKubeAPI that KUBECONFIG points at."""
+    started = []
+
+    def start(pods: list[dict], create_status: int = 201) -> FakeKubeAPI:
+        fake = FakeKubeAPI(pods, create_status)
+        started.append(fake)
+        monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / f"kubeconfig-{len(started)}")))
+        return fake
+
+    yield start
+    for fake in started:
+        fake.stop()
+
+
+@pytest.mark.parametrize(
+    "pods,timeout,expected",
+    [
+        ([IMAGE_PULL], 60, r"did not start: ssa-dask-scheduler-abc: ImagePullBackOff: Back-off pulling image "
+                           r"\"registry\.example\.org/ssa-dask:0\.1\.0\""),
+        ([UNSCHEDULABLE], 1, "Unschedulable: 0/3 nodes are available: 3 Insufficient memory"),
+        ([], 1, "no scheduler pod was created: is the Dask operator running"),
+    ],
+    ids=["image-pull", "unschedulable", "no-operator"],
+)
+def test_failed_start_gives_kubernetes_reason_and_deletes_the_cluster(fake_api, tmp_path, pods, timeout, expected):
+    fake = fake_api(pods)
+    k8s.write_tls_files(tmp_path / "tls")
+    options = {**cluster_options(), "client_tls_dir": str(tmp_path / "tls")}
+    with pytest.raises(SSAClusterError, match=expected):
+        with k8s.kubernetes_cluster(2, options, timeout=timeout):
+            pytest.fail("the context must not be entered")
+    (created,) = [body for method, _, body in fake.requests if method == "POST"]
+    expected_spec = k8s.cluster_spec(2, options)  # exactly the validated spec, TLS included
+    expected_spec["metadata"]["namespace"] = "default"  # the kubeconfig's namespace
+    assert created == expected_spec
+    assert ("DELETE", "/apis/kubernetes.dask.org/v1/namespaces/default/daskclusters/ssa-dask", None) in fake.requests
+
+
+def test_missing_crds_are_named(fake_api):
+    fake = fake_api([], create_status=404)
+    with pytest.raises(SSAClusterError, match="refused DaskCluster 'ssa-dask'.*CRDs installed"):
+        with k8s.kubernetes_cluster(1, {}, insecure=True):
+            pytest.fail("the context must not be entered")
+    assert not [r for r in fake.requests if r[0] == "DELETE"]
