@@ -309,7 +309,19 @@ def _pod_problems(api: Any, cluster_name: str, component: str) -> list[str]:
             terminated = container.get("lastState", {}).get("terminated")
             if terminated:
                 problems.append(f"{pod.name}: exited {terminated.get('exitCode')} ({terminated.get('reason', '')})")
+        problems += _warning_events(api, pod.name)
     return problems
+
+
+def _warning_events(api: Any, pod_name: str, last: int = 3) -> list[str]:
+    """The pod's latest warning events (failed mounts such as a missing Secret or PVC, failed
+    scheduling), which its status does not show; none when events cannot be read."""
+    try:
+        events = api.get("events", namespace=api.namespace, field_selector={"involvedObject.name": pod_name})
+        warnings = [e.raw for e in events if e.raw.get("type") == "Warning"]
+    except Exception:  # events are a courtesy: RBAC may forbid them
+        return []
+    return [f"{pod_name}: {e.get('reason', '')}: {e.get('message', '')}" for e in warnings[-last:]]
 
 
 def _ready(pod: dict) -> bool:

@@ -181,7 +181,8 @@ def test_tls_secret_manifest_is_valid(tmp_path):
         (lambda r: r["spec"]["scheduler"]["service"].__setitem__("ports", {"port": 8786}), "DaskCluster", "is not of type"),
         (lambda r: r["spec"].__setitem__("workers", {"replicas": 2}), "DaskCluster", "unknown field .spec.workers"),
         (lambda r: r["spec"]["worker"]["spec"]["containers"][0].__setitem__("volumeMount", []), "DaskCluster", "volumeMount"),
-        (lambda r: r["spec"]["job"]["spec"]["containers"][0].__setitem__("args", "ssa-dask align"), "DaskJob", "is not of type 'array'"),
+        (lambda r: r["spec"]["job"]["spec"]["containers"][0].__setitem__("args", "ssa-dask align"), "DaskJob",
+         "is not of type 'array'"),
         (lambda r: r["spec"].pop("cluster"), "DaskJob", "'cluster' is a required property"),
         (lambda r: r["spec"].__setitem__("accessModes", "ReadWriteMany"), "PersistentVolumeClaim", "is not of type 'array'"),
         (lambda r: r["spec"].__setitem__("storageClass", "nfs"), "PersistentVolumeClaim", "storageClass"),
@@ -421,14 +422,15 @@ def test_client_credentials_from_the_dask_config(monkeypatch, tmp_path):
 
 class FakeKubeAPI:
     """Just enough of the Kubernetes API over HTTP for kr8s: records every request, serves the
-    ``pods`` it is given, answers the DaskCluster POST with ``create_status``."""
+    ``pods`` and ``events`` it is given, answers the DaskCluster POST with ``create_status``."""
 
-    def __init__(self, pods: list[dict], create_status: int = 201):
+    def __init__(self, pods: list[dict], create_status: int = 201, events: list[dict] = ()):
         import json
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.requests: list[tuple[str, str, dict | None]] = []
+        events = list(events)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -456,9 +458,13 @@ class FakeKubeAPI:
                 if path == "/api/v1":
                     return self.reply(200, {"kind": "APIResourceList", "groupVersion": "v1", "resources": [
                         {"name": "pods", "singularName": "pod", "namespaced": True, "kind": "Pod",
-                         "verbs": ["get", "list"], "shortNames": ["po"]}]})
+                         "verbs": ["get", "list"], "shortNames": ["po"]},
+                        {"name": "events", "singularName": "event", "namespaced": True, "kind": "Event",
+                         "verbs": ["get", "list"], "shortNames": ["ev"]}]})
                 if path == "/api/v1/namespaces/default/pods":
                     return self.reply(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": pods})
+                if path == "/api/v1/namespaces/default/events":
+                    return self.reply(200, {"kind": "EventList", "apiVersion": "v1", "metadata": {}, "items": events})
                 self.not_found()
 
             def do_POST(self):  # noqa: N802
@@ -504,6 +510,13 @@ IMAGE_PULL = scheduler_pod({"phase": "Pending", "conditions": [{"type": "Ready",
                             "containerStatuses": [{"name": "scheduler", "ready": False, "state": {"waiting": {
                                 "reason": "ImagePullBackOff",
                                 "message": 'Back-off pulling image "registry.example.org/ssa-dask:0.1.0"'}}}]})
+CREATING = scheduler_pod({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}],
+                          "containerStatuses": [{"name": "scheduler", "ready": False,
+                                                 "state": {"waiting": {"reason": "ContainerCreating"}}}]})
+MISSING_SECRET = {"apiVersion": "v1", "kind": "Event", "type": "Warning", "reason": "FailedMount",
+                  "metadata": {"name": "ssa-dask-scheduler-abc.1", "namespace": "default"},
+                  "involvedObject": {"kind": "Pod", "name": "ssa-dask-scheduler-abc"},
+                  "message": 'MountVolume.SetUp failed for volume "tls" : secret "ssa-dask-tls" not found'}
 UNSCHEDULABLE = scheduler_pod({"phase": "Pending", "conditions": [{
     "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
     "message": "0/3 nodes are available: 3 Insufficient memory."}]})
@@ -514,8 +527,8 @@ def fake_api(no_kube, monkeypatch, tmp_path):
     """``fake_api(pods, create_status)``: a running FakeKubeAPI that KUBECONFIG points at."""
     started = []
 
-    def start(pods: list[dict], create_status: int = 201) -> FakeKubeAPI:
-        fake = FakeKubeAPI(pods, create_status)
+    def start(pods: list[dict], create_status: int = 201, events: list[dict] = ()) -> FakeKubeAPI:
+        fake = FakeKubeAPI(pods, create_status, events)
         started.append(fake)
         monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / f"kubeconfig-{len(started)}")))
         return fake
@@ -526,17 +539,18 @@ def fake_api(no_kube, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "pods,timeout,expected",
+    "pods,events,timeout,expected",
     [
-        ([IMAGE_PULL], 60, r"did not start: ssa-dask-scheduler-abc: ImagePullBackOff: Back-off pulling image "
-                           r"\"registry\.example\.org/ssa-dask:0\.1\.0\""),
-        ([UNSCHEDULABLE], 1, "Unschedulable: 0/3 nodes are available: 3 Insufficient memory"),
-        ([], 1, "no scheduler pod was created: is the Dask operator running"),
+        ([IMAGE_PULL], [], 60, r"did not start: ssa-dask-scheduler-abc: ImagePullBackOff: Back-off pulling image "
+                               r"\"registry\.example\.org/ssa-dask:0\.1\.0\""),
+        ([UNSCHEDULABLE], [], 1, "Unschedulable: 0/3 nodes are available: 3 Insufficient memory"),
+        ([CREATING], [MISSING_SECRET], 1, r"FailedMount: MountVolume.SetUp failed .* secret \"ssa-dask-tls\" not found"),
+        ([], [], 1, "no scheduler pod was created: is the Dask operator running"),
     ],
-    ids=["image-pull", "unschedulable", "no-operator"],
+    ids=["image-pull", "unschedulable", "missing-secret", "no-operator"],
 )
-def test_failed_start_gives_kubernetes_reason_and_deletes_the_cluster(fake_api, tmp_path, pods, timeout, expected):
-    fake = fake_api(pods)
+def test_failed_start_gives_kubernetes_reason_and_deletes_the_cluster(fake_api, tmp_path, pods, events, timeout, expected):
+    fake = fake_api(pods, events=events)
     k8s.write_tls_files(tmp_path / "tls")
     options = {**cluster_options(), "client_tls_dir": str(tmp_path / "tls")}
     with pytest.raises(SSAClusterError, match=expected):
