@@ -423,8 +423,11 @@ def kubernetes_cluster(
     try:
         resource.create()
     except api_errors as exc:
-        missing = getattr(getattr(exc, "response", None), "status_code", None) == 404
-        hint = " (are the Dask operator's CRDs installed? `kubectl get crd daskclusters.kubernetes.dask.org`)" if missing else ""
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        hint = {
+            404: " (are the Dask operator's CRDs installed? `kubectl get crd daskclusters.kubernetes.dask.org`)",
+            409: f" (left by an earlier run? `kubectl delete daskcluster {name}`, or set another `name`)",
+        }.get(status, "")
         raise SSAClusterError(f"the Kubernetes API refused DaskCluster {name!r}: {exc}{hint}") from None
     with contextlib.ExitStack() as stack:
         stack.callback(_delete_quietly, resource)

@@ -471,7 +471,8 @@ class FakeKubeAPI:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append(("POST", self.path, body))
                 if create_status >= 400:
-                    return self.not_found()
+                    return self.reply(create_status, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                                      "code": create_status, "message": f"refused with {create_status}"})
                 self.reply(create_status, body)
 
             def do_DELETE(self):  # noqa: N802
@@ -563,9 +564,10 @@ def test_failed_start_gives_kubernetes_reason_and_deletes_the_cluster(fake_api, 
     assert ("DELETE", "/apis/kubernetes.dask.org/v1/namespaces/default/daskclusters/ssa-dask", None) in fake.requests
 
 
-def test_missing_crds_are_named(fake_api):
-    fake = fake_api([], create_status=404)
-    with pytest.raises(SSAClusterError, match="refused DaskCluster 'ssa-dask'.*CRDs installed"):
+@pytest.mark.parametrize("status,hint", [(404, "CRDs installed"), (409, "kubectl delete daskcluster ssa-dask")])
+def test_refused_creation_is_explained(fake_api, status, hint):
+    fake = fake_api([], create_status=status)
+    with pytest.raises(SSAClusterError, match=f"refused DaskCluster 'ssa-dask': refused with {status}.*{hint}"):
         with k8s.kubernetes_cluster(1, {}, insecure=True):
             pytest.fail("the context must not be entered")
     assert not [r for r in fake.requests if r[0] == "DELETE"]
