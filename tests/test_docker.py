@@ -163,11 +163,12 @@ def test_operator_pods_align_over_tls(docker, image, tmp_path, counts_problem):
     (job,) = [d for d in yaml.safe_load_all((REPO / "deploy/kubernetes/daskjob.yaml").read_text()) if d]
 
     # the Secret and the PVC, as the kubelet presents them: group 1000 (fsGroup), mode 0440 for the secret
-    tls = tmp_path / "tls"
-    k8s.write_tls_files(tls)
-    for path in [tls, *tls.iterdir()]:
-        os.chown(path, 0, 1000)
-        path.chmod(0o750 if path.is_dir() else 0o440)
+    tls, stranger = tmp_path / "tls", tmp_path / "stranger"  # stranger: someone else's credentials
+    for directory in (tls, stranger):
+        k8s.write_tls_files(directory)
+        for path in [directory, *directory.iterdir()]:
+            os.chown(path, 0, 1000)
+            path.chmod(0o750 if path.is_dir() else 0o440)
     data = tmp_path / "data"
     data.mkdir()
     sc, spots = counts_problem
@@ -205,10 +206,11 @@ def test_operator_pods_align_over_tls(docker, image, tmp_path, counts_problem):
 
         # nobody without the credentials gets in: plain tcp://, and tls:// with a stranger's certificate
         spec, container = pod(job, ("spec", "job", "spec"))
+        theirs = "Security(tls_ca_file='/s/ca.crt', tls_client_cert='/s/tls.crt', tls_client_key='/s/tls.key')"
         for address, security, error in (("tcp://127.0.0.1:8786", "None", "CommClosedError"),
-                                         (SERVICE_ADDRESS, "Security.temporary()", "TLS certificate does not match")):
-            refused = run(["docker", "run", "--rm", "--network", f"container:{names[0]}", "--user", "1000:1000", IMAGE,
-                           "python3", "-c", "from distributed import Client, Security; "
+                                         (SERVICE_ADDRESS, theirs, "TLS certificate does not match")):
+            refused = run(["docker", "run", "--rm", "--network", f"container:{names[0]}", "--user", "1000:1000",
+                           "-v", f"{stranger}:/s:ro", IMAGE, "python3", "-c", "from distributed import Client, Security; "
                            f"Client({address!r}, security={security}, timeout=5)"], env=docker, check=False)
             assert refused.returncode != 0 and error in refused.stderr, f"{address}: {refused.stderr[-2000:]}"
 
