@@ -350,9 +350,9 @@ def _wait_for_scheduler(api: Any, cluster_name: str, deadline: float) -> None:
 
 
 @contextlib.contextmanager
-def _scheduler_endpoint(api: Any, cluster_name: str, *, insecure: bool) -> Iterator[str]:
+def _scheduler_endpoint(api: Any, cluster_name: str, deadline: float, *, insecure: bool) -> Iterator[str]:
     """The scheduler's address from here: the Service's DNS name inside the cluster, else a port
-    forward to it on 127.0.0.1."""
+    forward to it on 127.0.0.1 (waiting for the Service until ``deadline``)."""
     service = f"{cluster_name}-scheduler"
     scheme = "tcp" if insecure else "tls"
     host = f"{service}.{api.namespace}.svc"
@@ -361,7 +361,8 @@ def _scheduler_endpoint(api: Any, cluster_name: str, *, insecure: bool) -> Itera
     except OSError:
         import kr8s
 
-        svc = kr8s.objects.Service.get(service, namespace=api.namespace, api=api)
+        wait_s = max(2, deadline - time.monotonic())
+        svc = kr8s.objects.Service.get(service, namespace=api.namespace, api=api, timeout=wait_s)
         with svc.portforward(SCHEDULER_PORT, local_port="auto") as port:
             yield f"{scheme}://127.0.0.1:{port}"
         return
@@ -416,7 +417,7 @@ def kubernetes_cluster(
     import httpx
     import kr8s
 
-    api_errors = (kr8s.ServerError, kr8s.APITimeoutError, httpx.HTTPError)
+    api_errors = (kr8s.ServerError, kr8s.NotFoundError, kr8s.APITimeoutError, httpx.HTTPError)
     daskcluster_class = kr8s.objects.new_class(kind="DaskCluster", version="kubernetes.dask.org/v1", asyncio=False)
     resource = daskcluster_class(spec, namespace=api.namespace, api=api)
     name = spec["metadata"]["name"]
@@ -435,7 +436,7 @@ def kubernetes_cluster(
             deadline = time.monotonic() + wait_s
             _wait_for_scheduler(api, name, deadline)
             stack.enter_context(dask.config.set(tls_config))
-            address = stack.enter_context(_scheduler_endpoint(api, name, insecure=insecure))
+            address = stack.enter_context(_scheduler_endpoint(api, name, deadline, insecure=insecure))
             _wait_for_workers(api, address, name, n_workers, deadline)
         except api_errors as exc:
             raise SSAClusterError(f"Kubernetes API error while starting DaskCluster {name!r}: {exc}") from None
@@ -460,7 +461,7 @@ def _wait_for_workers(api: Any, address: str, cluster_name: str, n_workers: int,
         with Client(address, timeout=max(1.0, deadline - time.monotonic())) as client:
             client.wait_for_workers(n_workers, timeout=max(1.0, deadline - time.monotonic()))
     except (OSError, TimeoutError) as exc:
-        problems = _pod_problems(api, cluster_name, "worker") or [str(exc)]
+        problems = _pod_problems(api, cluster_name, "worker") or [f"{type(exc).__name__}: {exc}"]
         raise SSAClusterError(
             f"{n_workers} Dask worker(s) of {cluster_name!r} did not join the scheduler at {address}: "
             + "; ".join(problems)

@@ -11,6 +11,7 @@ import re
 import ssl
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -421,84 +422,124 @@ def test_client_credentials_from_the_dask_config(monkeypatch, tmp_path):
 
 
 class FakeKubeAPI:
-    """Just enough of the Kubernetes API over HTTP for kr8s: records every request, serves the
-    ``pods`` and ``events`` it is given, answers the DaskCluster POST with ``create_status``."""
+    """Just enough of the Kubernetes API for kr8s, over HTTP (aiohttp, in a thread): records every
+    request, serves the ``pods`` and ``events`` it is given (filtered by label selector), answers
+    the DaskCluster POST with ``create_status``, and forwards a pod port (the websocket protocol of
+    ``kubectl port-forward``) to ``forward_to`` on 127.0.0.1, where a test runs the real scheduler."""
 
-    def __init__(self, pods: list[dict], create_status: int = 201, events: list[dict] = ()):
-        import json
+    def __init__(self, pods: list[dict], create_status: int = 201, events: list[dict] = (), forward_to: int = 0):
+        import asyncio
         import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from aiohttp import WSMsgType, web
 
         self.requests: list[tuple[str, str, dict | None]] = []
-        events = list(events)
-        fake = self
+        ns = "/api/v1/namespaces/default"
 
-        class Handler(BaseHTTPRequestHandler):
-            def reply(self, code: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        def status(code: int, message: str) -> web.Response:
+            return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
+                                      "message": message}, status=code)
 
-            def not_found(self) -> None:
-                self.reply(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
-                                 "reason": "NotFound", "message": f"the server could not find {self.path}"})
+        def selected(request: web.Request) -> list[dict]:
+            wanted = dict(kv.split("=") for kv in request.query.get("labelSelector", "").split(",") if kv)
+            return [p for p in pods if wanted.items() <= p["metadata"]["labels"].items()]
 
-            def do_GET(self):  # noqa: N802
-                fake.requests.append(("GET", self.path, None))
-                path = self.path.split("?")[0].rstrip("/")
-                if path == "/version":
-                    return self.reply(200, {"major": "1", "minor": "30", "gitVersion": "v1.30.0"})
-                if path == "/api":
-                    return self.reply(200, {"kind": "APIVersions", "versions": ["v1"]})
-                if path == "/apis":
-                    return self.reply(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
-                if path == "/api/v1":
-                    return self.reply(200, {"kind": "APIResourceList", "groupVersion": "v1", "resources": [
-                        {"name": "pods", "singularName": "pod", "namespaced": True, "kind": "Pod",
-                         "verbs": ["get", "list"], "shortNames": ["po"]},
-                        {"name": "events", "singularName": "event", "namespaced": True, "kind": "Event",
-                         "verbs": ["get", "list"], "shortNames": ["ev"]}]})
-                if path == "/api/v1/namespaces/default/pods":
-                    return self.reply(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": pods})
-                if path == "/api/v1/namespaces/default/events":
-                    return self.reply(200, {"kind": "EventList", "apiVersion": "v1", "metadata": {}, "items": events})
-                self.not_found()
+        async def get(request: web.Request) -> web.StreamResponse:
+            self.requests.append(("GET", request.path_qs, None))
+            path = request.path.rstrip("/")
+            resources = [{"name": n, "singularName": n[:-1], "namespaced": True, "kind": k, "verbs": ["get", "list"]}
+                         for n, k in (("pods", "Pod"), ("events", "Event"), ("services", "Service"))]
+            by_name = {p["metadata"]["name"]: p for p in pods}
+            if path == "/version":
+                return web.json_response({"major": "1", "minor": "30", "gitVersion": "v1.30.0"})
+            if path == "/api":
+                return web.json_response({"kind": "APIVersions", "versions": ["v1"]})
+            if path == "/apis":
+                return web.json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+            if path == "/api/v1":
+                return web.json_response({"kind": "APIResourceList", "groupVersion": "v1", "resources": resources})
+            if path == f"{ns}/pods":
+                return web.json_response({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": selected(request)})
+            if path == f"{ns}/events":
+                return web.json_response({"kind": "EventList", "apiVersion": "v1", "metadata": {}, "items": list(events)})
+            service = {"apiVersion": "v1", "kind": "Service",
+                       "metadata": {"name": "ssa-dask-scheduler", "namespace": "default"},
+                       "spec": {"selector": {"dask.org/cluster-name": "ssa-dask", "dask.org/component": "scheduler"},
+                                "ports": [{"name": "tcp-comm", "port": 8786}]}}
+            if path == f"{ns}/services":
+                return web.json_response({"kind": "ServiceList", "apiVersion": "v1", "metadata": {}, "items": [service]})
+            if path == f"{ns}/services/ssa-dask-scheduler":
+                return web.json_response(service)
+            name = path.removeprefix(f"{ns}/pods/").removesuffix("/portforward")
+            if path.endswith("/portforward") and name in by_name and forward_to:
+                return await port_forward(request)
+            if path.startswith(f"{ns}/pods/") and name in by_name:
+                return web.json_response(by_name[name])
+            return status(404, f"the server could not find {request.path}")
 
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append(("POST", self.path, body))
-                if create_status >= 400:
-                    return self.reply(create_status, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                                      "code": create_status, "message": f"refused with {create_status}"})
-                self.reply(create_status, body)
+        async def port_forward(request: web.Request) -> web.WebSocketResponse:
+            ws = web.WebSocketResponse(protocols=("v4.channel.k8s.io",))
+            await ws.prepare(request)
+            reader, writer = await asyncio.open_connection("127.0.0.1", forward_to)
+            port = int(request.query["ports"]).to_bytes(2, "little")
+            await ws.send_bytes(b"\x00" + port)  # the protocol opens the data and error channels
+            await ws.send_bytes(b"\x01" + port)
 
-            def do_DELETE(self):  # noqa: N802
-                fake.requests.append(("DELETE", self.path, None))
-                self.reply(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+            async def to_client():
+                while data := await reader.read(65536):
+                    await ws.send_bytes(b"\x00" + data)
+                await ws.close()
 
-            def log_message(self, *args):
-                pass
+            relay = asyncio.ensure_future(to_client())
+            async for message in ws:
+                if message.type != WSMsgType.BINARY:
+                    break
+                writer.write(message.data[1:])
+                await writer.drain()
+            relay.cancel()
+            writer.close()
+            return ws
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        async def post(request: web.Request) -> web.Response:
+            body = await request.json()
+            self.requests.append(("POST", request.path, body))
+            if create_status >= 400:
+                return status(create_status, f"refused with {create_status}")
+            return web.json_response(body, status=create_status)
+
+        async def delete(request: web.Request) -> web.Response:
+            self.requests.append(("DELETE", request.path, None))
+            return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Success"})
+
+        app = web.Application()
+        app.router.add_route("GET", "/{tail:.*}", get)
+        app.router.add_route("POST", "/{tail:.*}", post)
+        app.router.add_route("DELETE", "/{tail:.*}", delete)
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 
     def kubeconfig(self, path: Path) -> Path:
         path.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{self.server.server_address[1]}"}}],
+            "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{self.port}"}}],
             "users": [{"name": "fake", "user": {"token": "fake"}}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": "default"}}],
         }))
         return path
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
+        self.loop.close()
 
 
 def scheduler_pod(status: dict) -> dict:
@@ -528,8 +569,10 @@ def fake_api(no_kube, monkeypatch, tmp_path):
     """``fake_api(pods, create_status)``: a running FakeKubeAPI that KUBECONFIG points at."""
     started = []
 
-    def start(pods: list[dict], create_status: int = 201, events: list[dict] = ()) -> FakeKubeAPI:
-        fake = FakeKubeAPI(pods, create_status, events)
+    pytest.importorskip("aiohttp", reason="aiohttp not installed (comes with dask-kubernetes)")
+
+    def start(pods: list[dict], create_status: int = 201, events: list[dict] = (), forward_to: int = 0) -> FakeKubeAPI:
+        fake = FakeKubeAPI(pods, create_status, events, forward_to)
         started.append(fake)
         monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / f"kubeconfig-{len(started)}")))
         return fake
@@ -571,3 +614,98 @@ def test_refused_creation_is_explained(fake_api, status, hint):
         with k8s.kubernetes_cluster(1, {}, insecure=True):
             pytest.fail("the context must not be entered")
     assert not [r for r in fake.requests if r[0] == "DELETE"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def tls_dask(tmp_path):
+    """A real ``dask scheduler --protocol tls`` and one ``dask worker`` on 127.0.0.1, configured from
+    the environment as daskcluster.yaml configures the pods (paths to the TLS files); stopped by PID.
+    Yields (scheduler port, TLS directory)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    tls = tmp_path / "tls"
+    k8s.write_tls_files(tls)
+    env = {e["name"]: e["value"].replace(k8s.TLS_MOUNT_PATH, str(tls)) for e in k8s._tls_env()}
+    env = {**os.environ, **env}
+    port = _free_port()
+    scheduler = subprocess.Popen(
+        ["dask", "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", str(port),
+         "--dashboard-address", "127.0.0.1:0"],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    worker = subprocess.Popen(
+        ["dask", "worker", f"tls://127.0.0.1:{port}", "--nthreads", "1", "--no-dashboard", "--name", "w0"],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the pod would not be Ready before the scheduler listens
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert scheduler.poll() is None and time.monotonic() < deadline, "the TLS scheduler did not start"
+            time.sleep(0.2)
+        yield port, tls
+    finally:
+        for process in (worker, scheduler):
+            process.send_signal(signal.SIGTERM)
+        for process in (worker, scheduler):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+READY_SCHEDULER = scheduler_pod({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"},
+                                                                   {"type": "ContainersReady", "status": "True"}]})
+PENDING_WORKER = {"apiVersion": "v1", "kind": "Pod", "status": {"phase": "Pending", "conditions": [{
+    "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+    "message": "0/3 nodes are available: 3 Insufficient cpu."}]},
+    "metadata": {"name": "ssa-dask-default-worker-2", "namespace": "default",
+                 "labels": {"dask.org/cluster-name": "ssa-dask", "dask.org/component": "worker"}}}
+
+
+def test_scheduler_kubernetes_runs_an_alignment_over_tls(fake_api, tls_dask, counts_problem):
+    """connect("kubernetes") as the CLI calls it: the DaskCluster is created, the scheduler reached
+    through kr8s' port forward with the client credentials, the alignment equals the local one,
+    and the cluster is deleted at the end."""
+    import ssa_dask
+    from ssa_dask.cluster import connect
+
+    port, tls = tls_dask
+    fake = fake_api([READY_SCHEDULER], forward_to=port)
+    sc, spots = counts_problem
+    options = {**cluster_options(), "client_tls_dir": str(tls), "timeout": 60}
+    with connect("kubernetes", n_workers=1, cluster_options=options) as executor:
+        assert executor.client.scheduler.address.startswith("tls://127.0.0.1:")  # the port forward
+        assert executor.client.scheduler.address != f"tls://127.0.0.1:{port}"
+        assert list(executor.client.scheduler_info()["workers"].values())[0]["name"] == "w0"
+        result = ssa_dask.align(sc, spots, client=executor.client, block_rows=75)
+        assert not [r for r in fake.requests if r[0] == "DELETE"]
+    direct = ssa_dask.align(sc, spots, client=None, block_rows=75)
+    for name in direct.data_vars:
+        np.testing.assert_array_equal(result[name].values, direct[name].values, err_msg=name)
+    assert ("DELETE", "/apis/kubernetes.dask.org/v1/namespaces/default/daskclusters/ssa-dask", None) in fake.requests
+    assert any("/pods/ssa-dask-scheduler-abc/portforward" in path for _, path, _ in fake.requests)
+
+
+def test_workers_that_never_join_are_explained(fake_api, tls_dask):
+    port, tls = tls_dask
+    fake = fake_api([READY_SCHEDULER, PENDING_WORKER], forward_to=port)
+    options = {**cluster_options(), "client_tls_dir": str(tls)}
+    with pytest.raises(SSAClusterError, match=r"3 Dask worker\(s\) of 'ssa-dask' did not join .*"
+                                              r"ssa-dask-default-worker-2: Unschedulable: 0/3 nodes are available: 3 Insufficient cpu"):
+        with k8s.kubernetes_cluster(3, options, timeout=5):
+            pytest.fail("the context must not be entered")
+    assert ("DELETE", "/apis/kubernetes.dask.org/v1/namespaces/default/daskclusters/ssa-dask", None) in fake.requests
