@@ -225,8 +225,8 @@ def connect(
         ``None`` or ``"threads"``: this process's threads. ``"local"``: an embedded
         ``distributed.LocalCluster`` of worker processes, listening on 127.0.0.1 only.
         ``"slurm"``: a ``dask_jobqueue.SLURMCluster`` (TLS with temporary credentials unless
-        ``insecure``; see ``deploy/slurm``). ``"kubernetes"``: a ``dask_kubernetes`` operator
-        ``KubeCluster`` (TLS from a Secret unless ``insecure``; see ``deploy/kubernetes``).
+        ``insecure``; see ``deploy/slurm``). ``"kubernetes"``: a ``DaskCluster`` created through
+        the Dask operator (TLS from a Secret unless ``insecure``; see ``deploy/kubernetes``).
         An address such as ``"tls://host:8786"`` or ``"tcp://host:8786"``: an existing scheduler.
         A ``distributed.Client``: used as is.
     n_workers, threads_per_worker, memory_limit
