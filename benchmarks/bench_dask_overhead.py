@@ -37,7 +37,10 @@ from _common import PeakMemory, loadavg, print_table, write_result
 from ssa_dask import _kernels
 from ssa_dask.cluster import Executor
 from ssa_dask.errors import ConvergenceWarning
-from ssa_dask.kernel import Kernel, _column_marginal_block, _scaling
+from ssa_dask._block_math import column_marginal_block as _column_marginal_block
+from ssa_dask._block_math import scaling as _scaling
+from ssa_dask.kernel import Kernel
+from ssa_dask.kernel_storage import MemoryBlocks
 from ssa_dask.sinkhorn import sinkhorn
 
 EPS = 0.05
@@ -68,7 +71,7 @@ def marginals(n_cells: int, n_spots: int, seed: int) -> tuple[np.ndarray, np.nda
 
 def make_kernel(blocks: list, block_rows: int, n_cells: int, n_spots: int) -> Kernel:
     bounds = np.append(np.arange(0, n_cells, block_rows), n_cells)
-    return Kernel(blocks=blocks, bounds=bounds, n_spots=n_spots, eps=EPS, log_domain=False, max_cost=1.0)
+    return Kernel(MemoryBlocks(blocks, bounds, n_spots), eps=EPS, log_domain=False, max_cost=1.0)
 
 
 def dask_threads(blocks: list[np.ndarray], p: np.ndarray, q: np.ndarray, iters: int, repeat: int) -> float:

@@ -37,7 +37,8 @@ import ot
 from _common import PeakMemory, loadavg, measure_bandwidth, print_table, timeit, write_result
 from ssa_dask import _kernels
 from ssa_dask.errors import ConvergenceWarning
-from ssa_dask.kernel import _scaling, kernel_from_array
+from ssa_dask._block_math import scaling as _scaling
+from ssa_dask.kernel_build import kernel_from_array
 from ssa_dask.sinkhorn import sinkhorn
 
 

@@ -15,7 +15,9 @@ from ssa_dask.cost import PearsonCost, cost_blocks
 from ssa_dask.errors import ConvergenceWarning, OutputExistsError, SSAClusterError, SSAError, SSAInputError
 from ssa_dask.genes import GeneSelection, select_genes, top_variance_genes
 from ssa_dask.io import ExpressionMatrix, ingest, read_expression
-from ssa_dask.kernel import Kernel, build_kernel, kernel_from_array
+from ssa_dask.kernel import Kernel
+from ssa_dask.kernel_build import build_kernel, kernel_from_array
+from ssa_dask.kernel_storage import DiskBlocks, KernelStorage, MemoryBlocks
 from ssa_dask.kernel_store import KernelStoreError
 from ssa_dask.reference import ssa_dense
 from ssa_dask.progress import SinkhornProgress
@@ -30,9 +32,12 @@ __all__ = [
     "Executor",
     "ExpressionMatrix",
     "GeneSelection",
+    "DiskBlocks",
     "Kernel",
+    "KernelStorage",
     "KernelStoreError",
     "MatrixSummary",
+    "MemoryBlocks",
     "OutputExistsError",
     "PearsonCost",
     "SSAClusterError",

@@ -20,7 +20,7 @@ from ssa_dask.cost import cost_blocks, lazy_pearson_cost
 from ssa_dask.errors import SSAInputError
 from ssa_dask.genes import select_genes
 from ssa_dask.io import ExpressionMatrix, read_expression
-from ssa_dask.kernel import build_kernel
+from ssa_dask.kernel_build import build_kernel
 from ssa_dask.kernel_store import local_directory
 from ssa_dask.progress import SinkhornProgress
 from ssa_dask.sinkhorn import DEFAULT_MAX_ITER, DEFAULT_TOL, Checkpoint, check_iteration_options, sinkhorn

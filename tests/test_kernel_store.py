@@ -18,7 +18,7 @@ import ssa_dask
 from ssa_dask.cluster import Executor
 from ssa_dask.cost import PearsonCost, cost_blocks
 from ssa_dask.errors import SSAInputError
-from ssa_dask.kernel import _exp_stored_block, _store_block, build_kernel
+from ssa_dask.kernel_build import _exp_stored_block, _store_block, build_kernel
 from ssa_dask.kernel_store import (
     COST_ARRAY,
     KERNEL_ARRAY,
@@ -135,14 +135,14 @@ def test_threads_and_retried_cluster_build_give_identical_kernel_bytes(tmp_path,
     one = build_kernel(cost_blocks(X, cost), Executor(), lam=0.05, storage="zarr", path=tmp_path / "a")
     two = build_kernel(cost_blocks(X, cost), Executor(), lam=0.05, storage="zarr", path=tmp_path / "b")
     # a retried second pass over every block changes nothing
-    costs = two.store.blocks(COST_ARRAY)
+    costs = two.storage.store.blocks(COST_ARRAY)
     for cost_block, kernel_block in zip(costs, two.blocks):
         _exp_stored_block(cost_block, kernel_block, eps=two.eps)
     for a, b in zip(one.blocks, two.blocks):
         assert a.file.read_bytes() == b.file.read_bytes()
     one.close()
     two.close()
-    assert not one.store.root.exists() and not two.store.root.exists()
+    assert not one.storage.store.root.exists() and not two.storage.store.root.exists()
 
 
 def test_checkpointed_run_keeps_and_reuses_its_kernel_store(tmp_path, counts_problem):

@@ -1,0 +1,209 @@
+"""Building the kernel: lazy cost blocks -> ``eps`` -> kernel blocks in memory or in a kernel store.
+
+Two passes over the cost: the first computes ``D`` blockwise and its maximum (``eps = lam * max D``),
+the second turns ``D`` into ``K = exp(-D/eps)`` (skipped in the log domain, which keeps ``D``).
+In memory the blocks are computed from the task graph (never scattered); on disk every chunk is
+written atomically and the second pass is idempotent (see :mod:`ssa_dask.kernel_store`), so task
+retries and preemption are harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import dask.array as da
+import numpy as np
+
+from ssa_dask._block_math import block_stats, cost_to_kernel, to_kernel
+from ssa_dask.cluster import Executor
+from ssa_dask.errors import SSAInputError
+from ssa_dask.kernel import Kernel
+from ssa_dask.kernel_storage import DiskBlocks, MemoryBlocks, Storage
+from ssa_dask.kernel_store import COST_ARRAY, KERNEL_ARRAY, KernelStore, StoredBlock, local_directory
+
+log = logging.getLogger(__name__)
+
+#: Below this relative regularisation ``lam = eps / max D`` the log domain is chosen automatically:
+#: ``exp(-1/lam)`` and the scalings ``exp(g/eps)`` leave the safe float32 range.
+LOG_DOMAIN_BELOW_LAM = 0.02
+
+
+def _store_block(block: np.ndarray, targets: list[StoredBlock], block_info: dict | None = None) -> np.ndarray:
+    """Write a cost block to its chunk of the store (atomically; a retry writes the same bytes)."""
+    targets[block_info[0]["chunk-location"][0]].write(block)
+    return block_stats(block)[None, :]
+
+
+def _exp_stored_block(cost: StoredBlock, kernel: StoredBlock, eps: float) -> None:
+    """Turn a stored cost chunk into its kernel chunk; idempotent, so a retried task is harmless.
+
+    The kernel chunk is written beside its name and renamed into place before the cost chunk is
+    removed: a task that runs again finds the kernel chunk complete and only tidies up.
+    """
+    if not kernel.is_complete():
+        kernel.write(to_kernel(np.array(cost.load()), eps))
+    cost.remove()
+
+
+def _max_cost(stats: np.ndarray, bounds: np.ndarray) -> float:
+    """``max D`` from per-block stats; raises on cells whose correlation is undefined."""
+    n_bad = int(stats[:, 1].sum())
+    if n_bad:
+        first = int(min(bounds[i] + stats[i, 2] for i in range(len(stats)) if stats[i, 2] >= 0))
+        raise SSAInputError(
+            f"{n_bad} cell(s) have a constant z-profile over the selected genes (first: row {first}), e.g. an "
+            "empty cell or one expressing no selected gene, so their Pearson correlation is undefined; remove them"
+        )
+    return float(stats[:, 0].max())
+
+
+def _resolve_eps(max_cost: float, lam: float | None, eps: float | None) -> float:
+    if eps is not None:
+        if not eps > 0:
+            raise SSAInputError(f"eps must be positive, got {eps}")
+        return float(eps)
+    if lam is None or not lam > 0:
+        raise SSAInputError(f"lam must be positive, got {lam}")
+    if max_cost <= 0:
+        raise SSAInputError("every cell correlates perfectly with every spot (max D = 0): nothing to align")
+    return float(lam * max_cost)
+
+
+def _choose_domain(log_domain: bool | str, eps: float, max_cost: float) -> bool:
+    if log_domain == "auto":
+        return bool(max_cost > 0 and eps / max_cost < LOG_DOMAIN_BELOW_LAM)
+    return bool(log_domain)
+
+
+def build_kernel(
+    cost: da.Array,
+    executor: Executor,
+    *,
+    lam: float | None = 0.05,
+    eps: float | None = None,
+    log_domain: bool | Literal["auto"] = "auto",
+    storage: Storage = "memory",
+    path: str | Path | None = None,
+    checkpoint: str | None = None,
+    fingerprint: str | None = None,
+) -> Kernel:
+    """Materialise the kernel from lazy cost blocks, in worker memory or in Zarr.
+
+    Two passes: the first computes ``D`` blockwise and its maximum (``eps = lam * max D``), the
+    second turns ``D`` into ``K = exp(-D/eps)`` (skipped in the log domain, which keeps ``D``).
+    Memory holds about one copy of the blocks at a time.
+
+    Parameters
+    ----------
+    cost : dask.array.Array
+        Lazy ``(n_cells, n_spots)`` float32 cost ``D``, chunked along rows only.
+    executor : Executor
+    lam : float
+        Relative regularisation, ``eps = lam * max D`` (used when ``eps`` is None).
+    eps : float, optional
+        Absolute regularisation; overrides ``lam``.
+    log_domain : bool or "auto"
+        Keep ``D`` and iterate in the log domain; ``"auto"`` does so when
+        ``eps / max D < LOG_DOMAIN_BELOW_LAM``.
+    storage : {"memory", "zarr"}
+        Hold blocks in worker memory (:class:`~ssa_dask.kernel_storage.MemoryBlocks`), or in a
+        kernel store on disk streamed each iteration (:class:`~ssa_dask.kernel_storage.DiskBlocks`).
+    path : path, optional
+        Directory in which the kernel store of ``storage="zarr"`` is created (default: the system's
+        temporary directory); :meth:`Kernel.close` removes the store.  On a multi-machine cluster it
+        must be on a file system every worker mounts; URLs are refused.
+    checkpoint : str, optional
+        Checkpoint file of the run: the store is named after it and kept when the run is cut off, and
+        a complete store of the same ``fingerprint`` is reused instead of rebuilt.
+    fingerprint : str, optional
+        Identity of the problem (data, genes, regularisation) that a kept store must match.
+
+    Returns
+    -------
+    Kernel
+    """
+    bounds = np.cumsum((0,) + cost.chunks[0])
+    n_spots = int(cost.shape[1])
+    if storage == "memory":
+        blocks = executor.materialize_blocks(cost, label="cost blocks")
+        stats = np.asarray(executor.map(block_stats, blocks))
+        max_cost = _max_cost(stats, bounds)
+        eps_value = _resolve_eps(max_cost, lam, eps)
+        use_log = _choose_domain(log_domain, eps_value, max_cost)
+        if not use_log:
+            if executor.distributed:
+                # New futures from the graph: each cost block is released once its kernel block exists,
+                # and a lost kernel block is recomputed from lineage.
+                blocks = executor.submit_map(cost_to_kernel, blocks, eps=eps_value)
+            else:
+                executor.map(to_kernel, blocks, eps=eps_value)  # in place: these arrays are ours alone
+        return Kernel(MemoryBlocks(blocks, bounds, n_spots), eps=eps_value, log_domain=use_log, max_cost=max_cost)
+    if storage != "zarr":
+        raise SSAInputError(f"kernel storage must be 'memory' or 'zarr', got {storage!r}")
+    parent = local_directory(path, "kernel_path")
+    if checkpoint is not None and fingerprint is not None:
+        kept = KernelStore.open_complete(parent, checkpoint, fingerprint)
+        if kept is not None:
+            store, manifest = kept
+            log.info("reusing the complete kernel store %s of the checkpointed run", store.root)
+            blocks = store.blocks(COST_ARRAY if manifest["log_domain"] else KERNEL_ARRAY)
+            return Kernel(DiskBlocks(blocks, bounds, n_spots, store, reused=True), eps=manifest["eps"],
+                          log_domain=manifest["log_domain"], max_cost=manifest["max_cost"])
+    store = KernelStore.create(parent, cost.shape, bounds, checkpoint=checkpoint)
+    try:
+        cost_targets = store.blocks(COST_ARRAY)
+        stats_array = cost.map_blocks(_store_block, cost_targets, dtype=np.float64,
+                                      chunks=((1,) * cost.numblocks[0], (3,)), meta=np.empty((0, 0)))
+        (stats,) = executor.compute(stats_array, label="cost -> kernel store")
+        max_cost = _max_cost(stats, bounds)
+        eps_value = _resolve_eps(max_cost, lam, eps)
+        use_log = _choose_domain(log_domain, eps_value, max_cost)
+        if use_log:
+            blocks = cost_targets
+        else:
+            blocks = store.blocks(KERNEL_ARRAY)
+            executor.map(_exp_stored_block, cost_targets, blocks, eps=eps_value)
+        store.mark_complete({"fingerprint": fingerprint, "eps": eps_value, "max_cost": max_cost, "log_domain": use_log})
+    except BaseException:
+        store.remove()
+        raise
+    log.info("kernel blocks in %s (%.2f GB)", store.root, cost.size * 4 / 1e9)
+    return Kernel(DiskBlocks(blocks, bounds, n_spots, store), eps=eps_value, log_domain=use_log, max_cost=max_cost)
+
+
+def kernel_from_array(
+    K: np.ndarray, *, eps: float, block_rows: int | None = None, log_domain: bool = False,
+    max_cost: float | None = None, executor: Executor | None = None,
+) -> Kernel:
+    """Wrap a given kernel (or cost, ``log_domain=True``) matrix as a :class:`Kernel`.
+
+    For tests, benchmarks and users who build their own kernel.
+
+    Parameters
+    ----------
+    K : (n, S) array
+        ``exp(-D/eps)``, or ``D`` when ``log_domain``; stored as float32.
+    eps : float
+        Entropic regularisation the kernel was made with.
+    block_rows : int, optional
+        Rows per block (default 4096).
+    log_domain : bool
+        Whether ``K`` holds the cost ``D``.
+    max_cost : float, optional
+        ``max D`` (recovered from ``K`` when omitted).
+    executor : Executor, optional
+        A cluster executor to hold the blocks on its workers (default: this process).
+    """
+    values = np.ascontiguousarray(K, dtype=np.float32)
+    rows = block_rows or 4096
+    bounds = np.append(np.arange(0, values.shape[0], rows), values.shape[0])
+    if max_cost is None:
+        max_cost = float(values.max()) if log_domain else float(-eps * np.log(max(float(values.min()), np.finfo(np.float64).tiny)))
+    if executor is not None and executor.distributed:
+        blocks = executor.materialize_blocks(da.from_array(values, chunks=(rows, values.shape[1]), name=False))
+    else:
+        blocks = [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return Kernel(MemoryBlocks(blocks, bounds, int(values.shape[1])), eps=float(eps), log_domain=log_domain,
+                  max_cost=max_cost)
