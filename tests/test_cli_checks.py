@@ -200,3 +200,40 @@ def test_a_full_disk_at_the_last_write_keeps_the_result_and_names_it(inputs, tmp
     assert not out.exists() and list(out.parent.iterdir()) == []  # nothing half-written
     (kept,) = rescue_dir.glob("ssa-result-out-*.zarr")
     assert xr.open_zarr(kept).sizes["cell"] == 300
+
+
+DATA_PROBLEMS = {
+    # found while the kernel store is being written: the store must not be left behind
+    "constant_cell": r"cell\(s\) have a constant z-profile over the selected genes \(first: row 5\)",
+    "two_genes": r"n_genes=2.*at least 3",
+    "one_spot": r"1 spot",
+    "case_only_mismatch": r"share no gene names.*match when case is ignored",
+    "duplicated_genes": r"duplicated gene names",
+}
+
+
+@pytest.mark.parametrize("problem", list(DATA_PROBLEMS))
+def test_data_problems_exit_2_with_one_line_and_leave_no_scratch(tmp_path, counts_problem, problem):
+    sc, spots = (m.copy() for m in counts_problem)
+    genes = [f"g{i}" for i in range(sc.shape[1])]
+    spot_genes = list(genes)
+    extra: list[str] = []
+    if problem == "constant_cell":
+        sc[5] = np.delete(sc, 5, axis=0).mean(0)  # every gene at its mean: the z-profile is all zeros
+    elif problem == "two_genes":
+        extra = ["--n-genes", "2"]
+    elif problem == "one_spot":
+        spots = spots[:1]
+    elif problem == "case_only_mismatch":
+        spot_genes = [g.upper() for g in genes]
+    else:
+        genes[1] = genes[0]
+    sc_path, spots_path = tmp_path / "sc.h5ad", tmp_path / "spots.h5ad"
+    ad.AnnData(sc.astype(np.float32), var=pd.DataFrame(index=genes)).write_h5ad(sc_path)
+    ad.AnnData(spots.astype(np.float32), var=pd.DataFrame(index=spot_genes)).write_h5ad(spots_path)
+    out, scratch = tmp_path / "out.zarr", tmp_path / "scratch"
+    code, output = run([str(sc_path), str(spots_path), "-o", str(out), "--scheduler", "threads", "--kernel-storage",
+                        "zarr", "--kernel-path", str(scratch), *extra])
+    assert_one_line_error(code, output, DATA_PROBLEMS[problem])
+    assert not out.exists()
+    assert not scratch.exists() or list(scratch.iterdir()) == []
