@@ -24,7 +24,7 @@ import xarray as xr
 from ssa_dask.cluster import connect
 from ssa_dask.errors import SSAInputError
 from ssa_dask.io import ExpressionMatrix, read_expression
-from ssa_dask.plan import TransportPlan, _normalized, open_plan
+from ssa_dask.plan import TransportPlan, normalize_rows, open_plan
 
 #: Genes imputed per pass over the plan by default: the pass's cost is dominated by recomputing the
 #: cost blocks, so larger batches are cheaper per gene; each task holds ``spots x batch`` float64.
@@ -56,10 +56,10 @@ def composition(plan: TransportPlan, labels: Any) -> xr.Dataset:
     """
     codes, categories = _label_codes(plan, labels)
     n_categories = len(categories)
-    kept_codes = codes[plan.kept_cells]
+    kept_codes = codes[plan.kept_cells].astype(np.int32)
     counts = plan.map_row_blocks(_category_mass, kept_codes, spot_arrays=[n_categories], reduce="sum",
                                  width=plan.kept_spots.size * n_categories, label="composition")
-    counts = plan._spots_out(counts.reshape(plan.kept_spots.size, n_categories))
+    counts = plan.expand_spots(counts.reshape(plan.kept_spots.size, n_categories))
     with np.errstate(invalid="ignore", divide="ignore"):
         fraction = counts / counts.sum(axis=1, keepdims=True)
     coords = {"spot": np.asarray(plan.spot_names, dtype=object), "category": np.asarray(categories, dtype=object)}
@@ -127,7 +127,7 @@ def impute(
         sums = sums.reshape(n_spots, batch.size + 1)
         with np.errstate(invalid="ignore", divide="ignore"):
             columns.append(sums[:, :-1] / sums[:, -1:])
-    values = plan._spots_out(np.concatenate(columns, axis=1), fill=np.nan)
+    values = plan.expand_spots(np.concatenate(columns, axis=1), fill=np.nan)
     out = xr.DataArray(values, dims=("spot", "gene"), name="imputed",
                        coords={"spot": np.asarray(plan.spot_names, dtype=object), "gene": np.asarray(wanted, dtype=object)})
     out.attrs["description"] = "plan-weighted mean expression of the cells at the spot"
@@ -151,7 +151,7 @@ def uncertainty(plan: TransportPlan) -> xr.Dataset:
     width = 3 if coords is None else 4
     values = plan.map_row_blocks(_cell_uncertainty, spot_arrays=spot_arrays, reduce="rows", width=width,
                                  label="uncertainty")
-    values = plan._cells_out(values, fill=np.nan)
+    values = plan.expand_cells(values, fill=np.nan)
     top = np.full(plan.shape[0], -1, dtype=np.int64)
     kept = np.isfinite(values[:, 1])
     top[kept] = plan.kept_spots[values[kept, 1].astype(np.int64)]
@@ -281,7 +281,7 @@ def _label_codes(plan: TransportPlan, labels: Any) -> tuple[np.ndarray, list[Any
 
 def _category_mass(T: np.ndarray, codes: np.ndarray, n_categories: int) -> np.ndarray:
     """``sum_{i in c} P_ij`` of one block, ``(m, C)``."""
-    P = _normalized(T)
+    P = normalize_rows(T)
     codes = np.asarray(codes).ravel()
     labelled = np.flatnonzero(codes >= 0)
     onehot = sp.csr_matrix((np.ones(labelled.size), (labelled, codes[labelled])), shape=(P.shape[0], n_categories))
@@ -300,7 +300,7 @@ def _weighted_sums(T: np.ndarray, X: Any) -> np.ndarray:
 
 def _cell_uncertainty(T: np.ndarray, coords: np.ndarray | None = None) -> np.ndarray:
     """Entropy, top spot, top weight (and expected distance from the top spot) of each row."""
-    P = _normalized(T)
+    P = normalize_rows(T)
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.where(P > 0, P * np.log(P), 0.0).sum(axis=1)
     top = P.argmax(axis=1)

@@ -84,6 +84,10 @@ class TransportPlan:
         self._kept_cells = np.asarray(kept_cells)
         self._kept_spots = np.asarray(kept_spots)
         self._stack = stack
+        # The row potentials as an (n, 1) array in the plan's row chunks: on a cluster held in
+        # worker memory once, so the passes' graphs refer to them instead of carrying them.
+        column = _column(self._f, self.row_chunks)
+        self._f_column = executor.client.persist(column) if executor.distributed else column
 
     # ------------------------------------------------------------------ shape and lifetime
 
@@ -159,7 +163,7 @@ class TransportPlan:
             raise ValueError(f"reduce must be 'rows' or 'sum', got {reduce!r}")
         n_kept = self._X.shape[0]
         chunks = self.row_chunks
-        arrays = [self._cost_blocks(), _column(self._f, chunks)]
+        arrays = [self._cost_blocks(), self._f_column]
         arrays += [_row_chunked(values, chunks, n_kept) for values in cell_arrays]
         spot_args = [dask.delayed(value, pure=True) for value in (self._g, *spot_arrays)]
         task = partial(_plan_task, func, len(cell_arrays), reduce == "sum", self.eps)
@@ -176,9 +180,9 @@ class TransportPlan:
     def _cost_blocks(self) -> da.Array:
         return cost_blocks(self._X, self._cost, self._kept_spots.size)
 
-    # ------------------------------------------------------------------ expanding to the input
+    # ------------------------------------------------------------------ from the kept rows to the input
 
-    def _cells_out(self, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    def expand_cells(self, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
         """Per-kept-cell rows placed over every input cell (left-out cells get ``fill``)."""
         if self._kept_cells.size == self.shape[0]:
             return values
@@ -186,8 +190,8 @@ class TransportPlan:
         out[self._kept_cells] = values
         return out
 
-    def _spots_out(self, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
-        """Per-kept-spot rows placed over every input spot."""
+    def expand_spots(self, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """Per-kept-spot rows placed over every input spot (left-out spots get ``fill``)."""
         if self._kept_spots.size == self.shape[1]:
             return values
         out = np.full((self.shape[1], *values.shape[1:]), fill, dtype=values.dtype)
@@ -236,7 +240,7 @@ class TransportPlan:
             k = int(rows.shape[1])
             out = self.map_row_blocks(partial(_transpose_product, normalize), rows, reduce="sum",
                                       width=self._kept_spots.size * k, label="plan^T V")
-            out = self._spots_out(out.reshape(self._kept_spots.size, k))
+            out = self.expand_spots(out.reshape(self._kept_spots.size, k))
         else:
             values = np.asarray(V, dtype=np.float64)
             values = values[:, None] if one_dimensional else values
@@ -246,16 +250,16 @@ class TransportPlan:
             k = values.shape[1]
             out = self.map_row_blocks(partial(_product, normalize), spot_arrays=[values[self._kept_spots]],
                                       reduce="rows", width=k, label="plan V")
-            out = self._cells_out(out)
+            out = self.expand_cells(out)
         return out[:, 0] if one_dimensional else out
 
     def row_marginal(self) -> np.ndarray:
         """``T 1``: mass of each cell (the masses ``p`` up to float32 rounding; 0 for left-out cells)."""
-        return self._cells_out(self.map_row_blocks(_row_sums, reduce="rows", width=1, label="row marginal")[:, 0])
+        return self.expand_cells(self.map_row_blocks(_row_sums, reduce="rows", width=1, label="row marginal")[:, 0])
 
     def column_marginal(self) -> np.ndarray:
         """``T^T 1``: mass of each spot (the masses ``q`` to the Sinkhorn tolerance; 0 for left-out spots)."""
-        return self._spots_out(self.map_row_blocks(_column_sums, reduce="sum", width=self._kept_spots.size,
+        return self.expand_spots(self.map_row_blocks(_column_sums, reduce="sum", width=self._kept_spots.size,
                                                    label="column marginal"))
 
     def entropy(self) -> np.ndarray:
@@ -264,7 +268,7 @@ class TransportPlan:
         0 when a cell sits on one spot, ``log(n_spots)`` when it is spread evenly.
         """
         values = self.map_row_blocks(_entropy, reduce="rows", width=1, label="entropy")[:, 0]
-        return self._cells_out(values, fill=np.nan)
+        return self.expand_cells(values, fill=np.nan)
 
     def top_k(self, k: int) -> sp.csr_matrix:
         """The ``k`` largest entries of each cell's row-normalised plan, as a sparse cells x spots matrix.
@@ -430,7 +434,7 @@ def _check_row_sums(plan: TransportPlan) -> None:
     n_blocks = len(plan.row_chunks)
     picked = sorted({0, n_blocks // 2, n_blocks - 1})[:CHECKED_BLOCKS]
     D = plan._cost_blocks().blocks[picked]
-    f = _column(plan._f, plan.row_chunks).blocks[picked]
+    f = plan._f_column.blocks[picked]
     task = partial(_plan_task, _row_sums, 0, False, plan.eps)
     sums = da.map_blocks(task, D, f, dask.delayed(plan._g, pure=True), dtype=np.float64, chunks=(D.chunks[0], (1,)),
                          meta=np.empty((0, 0), np.float64), token="ssa-plan-check")
@@ -521,7 +525,8 @@ def _plan_task(func: Callable[..., np.ndarray], n_cell: int, flatten: bool, eps:
     return out.reshape(1, -1) if flatten else out
 
 
-def _normalized(T: np.ndarray) -> np.ndarray:
+def normalize_rows(T: np.ndarray) -> np.ndarray:
+    """Divide each row of a plan block by its sum, in place: the row-normalised plan ``P``."""
     T /= T.sum(axis=1, keepdims=True)
     return T
 
@@ -529,7 +534,7 @@ def _normalized(T: np.ndarray) -> np.ndarray:
 def _transpose_product(normalize: bool, T: np.ndarray, V: Any) -> np.ndarray:
     """``T^T V`` of one block, ``(m, k)``; sparse ``V`` stays sparse."""
     if normalize:
-        T = _normalized(T)
+        T = normalize_rows(T)
     if sp.issparse(V):
         return np.asarray((sp.csr_matrix(V, dtype=np.float64).T @ T).T)
     return T.T @ np.asarray(V, dtype=np.float64)
@@ -538,7 +543,7 @@ def _transpose_product(normalize: bool, T: np.ndarray, V: Any) -> np.ndarray:
 def _product(normalize: bool, T: np.ndarray, V: np.ndarray) -> np.ndarray:
     """``T V`` of one block, ``(r, k)``."""
     if normalize:
-        T = _normalized(T)
+        T = normalize_rows(T)
     return T @ V
 
 
@@ -551,7 +556,7 @@ def _column_sums(T: np.ndarray) -> np.ndarray:
 
 
 def _entropy(T: np.ndarray) -> np.ndarray:
-    P = _normalized(T)
+    P = normalize_rows(T)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(P > 0, P * np.log(P), 0.0)
     return -terms.sum(axis=1, keepdims=True)
@@ -559,7 +564,7 @@ def _entropy(T: np.ndarray) -> np.ndarray:
 
 def _top_k(k: int, T: np.ndarray) -> np.ndarray:
     """Spot indices (as floats) and row-normalised weights of the ``k`` largest entries per row, largest first."""
-    P = _normalized(T)
+    P = normalize_rows(T)
     if k < P.shape[1]:
         top = np.argpartition(-P, k - 1, axis=1)[:, :k]
     else:
