@@ -128,8 +128,8 @@ def impute(
         with np.errstate(invalid="ignore", divide="ignore"):
             columns.append(sums[:, :-1] / sums[:, -1:])
     values = plan.expand_spots(np.concatenate(columns, axis=1), fill=np.nan)
-    out = xr.DataArray(values, dims=("spot", "gene"), name="imputed",
-                       coords={"spot": np.asarray(plan.spot_names, dtype=object), "gene": np.asarray(wanted, dtype=object)})
+    coords = {"spot": np.asarray(plan.spot_names, dtype=object), "gene": np.asarray(wanted, dtype=object)}
+    out = xr.DataArray(values, dims=("spot", "gene"), name="imputed", coords=coords)
     out.attrs["description"] = "plan-weighted mean expression of the cells at the spot"
     return out
 
@@ -257,7 +257,8 @@ def _quiet_missing_genes() -> Iterator[None]:
 
 def _check_same_cells(plan: TransportPlan, matrix: ExpressionMatrix) -> None:
     if matrix.shape[0] != plan.shape[0]:
-        raise SSAInputError(f"scRNA: {matrix.shape[0]} cells, but the plan is over {plan.shape[0]}: not the plan's cells")
+        raise SSAInputError(f"scRNA: {matrix.shape[0]} cells, but the plan is over {plan.shape[0]}: not the plan's "
+                            "cells")
     if not pd.Index(matrix.names.astype(str)).equals(pd.Index(plan.cell_names.astype(str))):
         raise SSAInputError("scRNA: the cells' names differ from the plan's: pass the plan's cells in the same order")
 

@@ -169,3 +169,15 @@ def test_arrays_of_the_wrong_length_are_refused(problem):
             plan.apply(np.ones((24, 2)), axis=1)
         with pytest.raises(SSAInputError, match="k must be between"):
             plan.top_k(26)
+
+
+def test_the_check_on_open_reads_a_few_rows_of_large_blocks(problem, monkeypatch):
+    import ssa_dask.plan
+
+    monkeypatch.setattr(ssa_dask.plan, "CHECKED_ROWS", 5)
+    result, cells, spot_data = problem["result"], problem["cells"], problem["spot_data"]
+    with open_plan(result, cells, spot_data, block_rows=100) as plan:
+        assert plan.row_chunks == (100, 100, 100)
+    shuffled = spot_data[np.random.default_rng(1).permutation(spot_data.n_obs)].copy()
+    with pytest.raises(SSAInputError, match="does not match the result"):
+        open_plan(result, cells, shuffled, block_rows=100)
