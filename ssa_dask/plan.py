@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -26,13 +27,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import xarray as xr
+from dask.delayed import Delayed
 
 from ssa_dask.align import _checked_inputs, _take_rows, default_block_rows
 from ssa_dask.assign import read_result
 from ssa_dask.cluster import Executor, connect
-from ssa_dask.cost import cost_blocks, lazy_pearson_cost
+from ssa_dask.cost import PearsonCost, cost_blocks, lazy_pearson_cost
 from ssa_dask.errors import SSAInputError
-from ssa_dask.io import ExpressionMatrix, read_expression
+from ssa_dask.io import ExpressionMatrix, _take_columns, read_expression
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +70,22 @@ class TransportPlan:
         Where the passes run.
     """
 
-    def __init__(self, *, cells: ExpressionMatrix, X: da.Array, cost: Any, f: np.ndarray, g: np.ndarray, eps: float,
-                 p: np.ndarray, kept_cells: np.ndarray, kept_spots: np.ndarray, spot_names: pd.Index,
-                 spot_coords: np.ndarray | None, executor: Executor, stack: contextlib.ExitStack | None = None) -> None:
+    def __init__(self, *, cells: ExpressionMatrix, kept_X: da.Array, gene_columns: np.ndarray, block_rows: int,
+                 cost: PearsonCost | Delayed, f: np.ndarray, g: np.ndarray, eps: float, p: np.ndarray,
+                 kept_cells: np.ndarray, kept_spots: np.ndarray, spot_names: pd.Index, spot_coords: np.ndarray | None,
+                 executor: Executor, stack: contextlib.ExitStack | None = None) -> None:
+        # kept_X: the kept cells over all genes; gene_columns: its columns of the result's genes;
+        # cost: the spot profiles (held); f, p: per kept cell; g: per kept spot.
         self.cells = cells
         self.cell_names = pd.Index(cells.names)
         self.spot_names = pd.Index(spot_names)
         self.spot_coords = spot_coords
         self.eps = float(eps)
         self.executor = executor
-        self._X = X
+        self._X_all_genes = kept_X
+        self._gene_columns = np.asarray(gene_columns)
+        self._block_rows = int(block_rows)
+        self._X = self._cells_over_genes(fresh=False)  # the blocking, and the template of every pass
         self._cost = cost
         self._f = np.asarray(f, dtype=np.float64)
         self._g = np.asarray(g, dtype=np.float64)
@@ -179,7 +187,21 @@ class TransportPlan:
         return np.asarray(values)
 
     def _cost_blocks(self) -> da.Array:
-        return cost_blocks(self._X, self._cost, self._kept_spots.size)
+        return cost_blocks(self._cells_over_genes(), self._cost, self._kept_spots.size)
+
+    def _cells_over_genes(self, fresh: bool = True) -> da.Array:
+        """The kept cells over the result's genes, in the plan's row blocks.
+
+        With ``fresh``, under keys of this pass's own: passes share the cells' input blocks, and
+        dask fuses a shared input differently in graphs where it has one consumer or two
+        (``impute`` reads the cells twice); a scheduler that receives one key under two task
+        definitions warns that it may deadlock.  Nothing is reused between passes anyway.
+        """
+        source = self._X_all_genes
+        name = f"ssa-plan-cells-{uuid.uuid4().hex}" if fresh else None
+        X = source.map_blocks(_take_columns, self._gene_columns, chunks=(source.chunks[0], (self._gene_columns.size,)),
+                              meta=source._meta, name=name)
+        return X.rechunk((self._block_rows, X.shape[1]))
 
     # ------------------------------------------------------------------ from the kept rows to the input
 
@@ -417,15 +439,21 @@ def _build_plan(result: xr.Dataset, cells: ExpressionMatrix, spots: ExpressionMa
     spot_cols = kept_spots.genes.get_indexer(genes)
     cost = lazy_pearson_cost(summary_c.mean[cell_cols], summary_c.std[cell_cols], kept_spots.select_genes(genes).X,
                              summary_s.mean[spot_cols], summary_s.std[spot_cols])
+    # The spot profiles (genes used x spots) are built once and held: on a cluster in a worker's
+    # memory (recomputable from lineage), locally in this process; every pass then refers to them.
+    if executor.distributed:
+        cost = executor.client.persist(cost)
+    else:
+        (cost,) = executor.compute(cost)
     n_kept, m_kept = kept_cells.shape[0], kept_spots.shape[0]
     # The plan block is float64: size the blocks as align sizes a float32 block twice as wide.
     rows = block_rows or default_block_rows(n_kept, 2 * m_kept, genes.size, executor.n_threads(),
                                             kept_cells.X.chunks[0][0])
-    X = kept_cells.select_genes(genes).rechunk_rows(rows).X
     totals = summary_c.row_totals
     p = np.full(totals.shape, 1.0 / totals.size) if marginals == "uniform" else totals / totals.sum()
     f = np.asarray(result["potential"].values, dtype=np.float64)[inputs.kept_cells]
-    return TransportPlan(cells=cells, X=X, cost=cost, f=f, g=g, eps=float(attrs["eps"]), p=p,
+    return TransportPlan(cells=cells, kept_X=kept_cells.X, gene_columns=cell_cols, block_rows=rows, cost=cost, f=f, g=g,
+                         eps=float(attrs["eps"]), p=p,
                          kept_cells=inputs.kept_cells, kept_spots=inputs.kept_spots, spot_names=spots.names,
                          spot_coords=spots.coords, executor=executor)
 
@@ -436,14 +464,13 @@ def _check_row_sums(plan: TransportPlan) -> None:
     n_blocks = len(plan.row_chunks)
     picked = sorted({0, n_blocks // 2, n_blocks - 1})
     sizes = [min(CHECKED_ROWS, plan.row_chunks[i]) for i in picked]
-    X = da.concatenate([plan._X.blocks[i][:size] for i, size in zip(picked, sizes)], axis=0)
     rows = np.concatenate([np.arange(bounds[i], bounds[i] + size) for i, size in zip(picked, sizes)])
-    D = cost_blocks(X, plan._cost, plan.kept_spots.size)
-    task = partial(_plan_task, _row_sums, 0, False, plan.eps)
-    sums = da.map_blocks(task, D, _column(plan._f[rows], D.chunks[0]), dask.delayed(plan._g, pure=True),
-                         dtype=np.float64, chunks=(D.chunks[0], (1,)), meta=np.empty((0, 0), np.float64),
-                         token="ssa-plan-check")
-    (row_sums,) = plan.executor.compute(sums, label="checking the plan")
+    cost = plan._cost if isinstance(plan._cost, Delayed) else dask.delayed(plan._cost, pure=True)
+    leading = tuple(min(CHECKED_ROWS, size) for size in plan.row_chunks)
+    sums = da.map_blocks(_leading_row_sums, plan._cells_over_genes(), plan._f_column, dask.delayed(plan._g, pure=True),
+                         cost, eps=plan.eps, n_rows=CHECKED_ROWS, dtype=np.float64, chunks=(leading, (1,)),
+                         meta=np.empty((0, 0), np.float64), token="ssa-plan-check")
+    (row_sums,) = plan.executor.compute(sums.blocks[picked], label="checking the plan")
     p = plan._p[rows]
     with np.errstate(invalid="ignore", divide="ignore"):
         error = np.abs(row_sums[:, 0] / p - 1.0)
@@ -520,6 +547,11 @@ def plan_block(D: np.ndarray, f: np.ndarray, g: np.ndarray, eps: float) -> np.nd
     T += np.asarray(f, np.float64)[:, None]
     T /= eps
     return np.exp(T, out=T)
+
+
+def _leading_row_sums(X: Any, f: np.ndarray, g: np.ndarray, cost: PearsonCost, eps: float, n_rows: int) -> np.ndarray:
+    """Row sums of the plan for the first ``n_rows`` cells of a block (the cost of those rows only)."""
+    return _row_sums(plan_block(cost.cost(X[:n_rows]), f[:n_rows, 0], g, eps))
 
 
 def _plan_task(func: Callable[..., np.ndarray], n_cell: int, flatten: bool, eps: float, D: np.ndarray,

@@ -152,3 +152,28 @@ def test_heldout_gene_check_equals_the_dense_computation(problem):
     np.testing.assert_allclose(check.attrs["median_correlation"], np.median(expected), rtol=1e-4)
     with pytest.raises(SSAInputError, match="held-out genes not in the input"):
         heldout_gene_check(problem["cells"], problem["spot_data"], ["g1", "absent"])
+
+
+def test_passes_in_a_row_on_a_cluster_log_no_scheduler_warning(problem, cluster_client):
+    import logging
+
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    records = Records()
+    logger = logging.getLogger("distributed")  # does not propagate to caplog
+    logger.addHandler(records)
+    try:
+        with open_plan(problem["result"], problem["cells"], problem["spot_data"], client=cluster_client) as opened:
+            for _ in range(2):  # impute reads the cells twice per pass, the others once: the keys must not clash
+                composition(opened, problem["cell_type"])
+                impute(opened, batch_genes=20)
+                uncertainty(opened)
+    finally:
+        logger.removeHandler(records)
+    assert not records.messages, records.messages

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -78,14 +81,35 @@ def backend_inputs(request):
     return backend, inputs
 
 
-def test_plan_equals_the_dense_plan(problem, backend_inputs, request):
+class WarningRecords(logging.Handler):
+    """Warnings logged to a logger that does not propagate to the root (``distributed`` does not)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def distributed_warnings():
+    """Warnings that ``distributed`` logs during a test (its logger does not reach caplog)."""
+    records = WarningRecords()
+    logger = logging.getLogger("distributed")
+    logger.addHandler(records)
+    yield records.messages
+    logger.removeHandler(records)
+
+
+def test_plan_equals_the_dense_plan(problem, backend_inputs, request, distributed_warnings):
     backend, inputs = backend_inputs
     client = request.getfixturevalue("cluster_client") if backend == "cluster" else None
     T = problem["reference"].plan
     P = T / T.sum(1, keepdims=True)
     rng = np.random.default_rng(0)
     V_cells, V_spots = rng.random((T.shape[0], 3)), rng.random((T.shape[1], 2))  # positive: no cancellation in the sums
-    with open_for(problem, backend, inputs, client, block_rows=64) as plan:
+    with warnings.catch_warnings(record=True) as caught, open_for(problem, backend, inputs, client, block_rows=64) as plan:
         assert plan.shape == T.shape and len(plan.row_chunks) == 5
         assert plan.executor.distributed == (backend == "cluster")
         np.testing.assert_allclose(plan.apply(V_cells, axis=0), T.T @ V_cells, rtol=1e-4)
@@ -98,6 +122,8 @@ def test_plan_equals_the_dense_plan(problem, backend_inputs, request):
         np.testing.assert_allclose(plan.column_marginal(), T.sum(0), rtol=1e-4)
         np.testing.assert_allclose(plan.entropy(), -(P * np.log(P)).sum(1), rtol=1e-4)
         top = plan.top_k(3)
+    noise = [str(w.message) for w in caught] + distributed_warnings
+    assert not noise, noise  # nothing from dask or distributed (e.g. keys resubmitted with another task)
     assert isinstance(top, sp.csr_matrix) and top.shape == T.shape
     assert np.all(np.diff(top.indptr) == 3)
     expected_columns = np.argsort(-P, axis=1)[:, :3]
