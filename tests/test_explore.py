@@ -170,7 +170,7 @@ def test_passes_in_a_row_on_a_cluster_log_no_scheduler_warning(problem, cluster_
     logger.addHandler(records)
     try:
         with open_plan(problem["result"], problem["cells"], problem["spot_data"], client=cluster_client) as opened:
-            for _ in range(2):  # impute reads the cells twice per pass, the others once: the keys must not clash
+            for _ in range(3):  # impute reads the cells twice per pass, the others once: the keys must not clash
                 composition(opened, problem["cell_type"])
                 impute(opened, batch_genes=20)
                 uncertainty(opened)
