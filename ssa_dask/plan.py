@@ -241,7 +241,8 @@ class TransportPlan:
         ----------
         V : array
             ``axis=0``: ``(n_cells,)`` or ``(n_cells, k)`` (NumPy, SciPy sparse or Dask, rows in
-            input cell order); ``axis=1``: ``(n_spots,)`` or ``(n_spots, k)`` NumPy.
+            input cell order; on a cluster give a large one as a Dask array, since NumPy and SciPy
+            values travel inside the task graph); ``axis=1``: ``(n_spots,)`` or ``(n_spots, k)`` NumPy.
         axis : {0, 1}
             The plan axis summed over, as in ``numpy.sum`` (0: over cells, 1: over spots).
         normalize : bool
