@@ -13,12 +13,14 @@ from ssa_dask.assign import add_to_anndata, assignment_dataset, read_result, wri
 from ssa_dask.cluster import Executor, connect
 from ssa_dask.cost import PearsonCost, cost_blocks
 from ssa_dask.errors import ConvergenceWarning, OutputExistsError, SSAClusterError, SSAError, SSAInputError
+from ssa_dask.explore import composition, heldout_gene_check, impute, uncertainty
 from ssa_dask.genes import GeneSelection, select_genes, top_variance_genes
 from ssa_dask.io import ExpressionMatrix, ingest, read_expression
 from ssa_dask.kernel import Kernel
 from ssa_dask.kernel_build import build_kernel, kernel_from_array
 from ssa_dask.kernel_storage import DiskBlocks, KernelStorage, MemoryBlocks
 from ssa_dask.kernel_store import KernelStoreError
+from ssa_dask.plan import TransportPlan, open_plan
 from ssa_dask.reference import ssa_dense
 from ssa_dask.progress import SinkhornProgress
 from ssa_dask.sinkhorn import Checkpoint, SavedState, SinkhornNumericalError, SinkhornResult, sinkhorn
@@ -47,14 +49,19 @@ __all__ = [
     "SinkhornNumericalError",
     "SinkhornProgress",
     "SinkhornResult",
+    "TransportPlan",
     "add_to_anndata",
     "align",
     "assignment_dataset",
     "build_kernel",
+    "composition",
     "connect",
     "cost_blocks",
+    "heldout_gene_check",
+    "impute",
     "ingest",
     "kernel_from_array",
+    "open_plan",
     "read_expression",
     "read_result",
     "select_genes",
@@ -62,5 +69,6 @@ __all__ = [
     "ssa_dense",
     "summarize",
     "top_variance_genes",
+    "uncertainty",
     "write_result",
 ]

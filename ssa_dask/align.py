@@ -157,10 +157,13 @@ def align(
     cells = read_expression(sc, layer=sc_layer, gene_key=gene_key, log1p=log1p, role="scRNA")
     spot_matrix = read_expression(spots, layer=spots_layer, gene_key=gene_key, log1p=log1p, role="spots")
     with connect(client, progress=progress) as executor:
-        return _align(cells, spot_matrix, executor, n_genes=n_genes, lam=lam, eps=eps, marginals=marginals, tol=tol,
-                      max_iter=max_iter, log_domain=log_domain, top_k=top_k, block_rows=block_rows,
-                      kernel_storage=kernel_storage, kernel_path=kernel_path, memory_budget=memory_budget,
-                      init_g=init_g, checkpoint=checkpoint, progress=progress, drop_empty=drop_empty)
+        result = _align(cells, spot_matrix, executor, n_genes=n_genes, lam=lam, eps=eps, marginals=marginals, tol=tol,
+                        max_iter=max_iter, log_domain=log_domain, top_k=top_k, block_rows=block_rows,
+                        kernel_storage=kernel_storage, kernel_path=kernel_path, memory_budget=memory_budget,
+                        init_g=init_g, checkpoint=checkpoint, progress=progress, drop_empty=drop_empty)
+    # How the inputs were read, so that open_plan can read them the same way.
+    result.attrs.update(log1p=int(log1p), sc_layer=sc_layer or "", spots_layer=spots_layer or "", gene_key=gene_key or "")
+    return result
 
 
 def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Executor, *, n_genes, lam, eps, marginals,

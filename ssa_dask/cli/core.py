@@ -117,7 +117,7 @@ def align_command(
             options={"--lam": lam, "--eps": eps, "--tol": tol, "--max-iter": max_iter, "--top-k": top_k,
                      "--block-rows": block_rows, "--n-genes": n_genes},
             scheduler=scheduler, n_workers=n_workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
-            read=dict(log1p=log1p, sc_layer=sc_layer, spots_layer=spots_layer, gene_key=gene_key),
+            read=dict(sc_layer=sc_layer, spots_layer=spots_layer, gene_key=gene_key),
             tls=(tls_ca_file, tls_cert, tls_key), tls_security=tls_security,
         )
         cluster_kwargs = _cluster_kwargs(n_workers, threads_per_worker, memory_limit, cluster_config)
@@ -132,7 +132,7 @@ def align_command(
                 max_iter=max_iter, log_domain=domain, top_k=top_k, block_rows=block_rows,
                 kernel_storage=kernel_storage.value, kernel_path=str(kernel_path) if kernel_path else None,
                 client=executor.client, progress=True, checkpoint=str(checkpoint) if checkpoint else None,
-                drop_empty=drop_empty,
+                drop_empty=drop_empty, log1p=log1p,
             )
         _write_outputs(result, out, obs_out, overwrite)
     except (SSAError, OutputExistsError) as exc:
@@ -163,9 +163,8 @@ def _preflight(sc: Path, spots: Path, out: Path, obs_out: Path | None, checkpoin
     if checkpoint is not None:
         check_outputs({"--checkpoint": checkpoint}, overwrite=True, inputs=[sc, spots, *outputs.values()])
     scratch = local_directory(kernel_path, "--kernel-path")
-    cells = read_expression(sc, layer=read["sc_layer"], gene_key=read["gene_key"], log1p=read["log1p"], role="scRNA")
-    spot_matrix = read_expression(spots, layer=read["spots_layer"], gene_key=read["gene_key"], log1p=read["log1p"],
-                                  role="spots")
+    cells = read_expression(sc, layer=read["sc_layer"], gene_key=read["gene_key"], role="scRNA")
+    spot_matrix = read_expression(spots, layer=read["spots_layer"], gene_key=read["gene_key"], role="spots")
     if options["--top-k"] > spot_matrix.shape[0]:
         raise SSAInputError(f"--top-k {options['--top-k']} exceeds the number of spots ({spot_matrix.shape[0]})")
     if kernel_storage == "zarr":
