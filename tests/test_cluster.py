@@ -236,7 +236,7 @@ def test_sigterm_mid_run_cleans_up_and_prints_one_line(tmp_path, counts_problem)
     assert not (project / "out.zarr").exists()
 
 
-def test_spot_profiles_do_not_travel_inside_the_graph(tmp_path, caplog):
+def test_spot_profiles_do_not_travel_inside_the_graph(tmp_path):
     """A 1,500-spot x 2,500-gene slide (15 MB of profiles) used to ride in every distributed graph."""
     import logging
     import warnings
@@ -250,11 +250,19 @@ def test_spot_profiles_do_not_travel_inside_the_graph(tmp_path, caplog):
     ad.AnnData(cells, var=pd.DataFrame(index=genes)).write_h5ad(tmp_path / "sc.h5ad")
     slide = rng.poisson(2.0, size=(1500, 2500)).astype(np.float32)
     ad.AnnData(slide, var=pd.DataFrame(index=genes)).write_h5ad(tmp_path / "spots.h5ad")
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING, logger="distributed"):
-        warnings.simplefilter("always")
-        with connect("local", n_workers=2) as executor:
-            on_cluster = ssa_dask.align(str(tmp_path / "sc.h5ad"), str(tmp_path / "spots.h5ad"), client=executor.client)
-    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # distributed's loggers do not propagate to pytest's caplog
+    logging.getLogger("distributed").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with connect("local", n_workers=2) as executor:
+                on_cluster = ssa_dask.align(str(tmp_path / "sc.h5ad"), str(tmp_path / "spots.h5ad"),
+                                            client=executor.client)
+    finally:
+        logging.getLogger("distributed").removeHandler(handler)
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
     assert not [m for m in messages if "large graph" in m], messages
     threads = ssa_dask.align(str(tmp_path / "sc.h5ad"), str(tmp_path / "spots.h5ad"))
     np.testing.assert_array_equal(on_cluster["spot"].values, threads["spot"].values)
