@@ -9,7 +9,7 @@ The pipeline, one module a step::
 """
 
 from ssa_dask.align import align
-from ssa_dask.assign import add_to_anndata, assignment_dataset, read_result, write_result
+from ssa_dask.assign import add_to_anndata, assignment_dataset, column_potential, open_result, read_result, write_result
 from ssa_dask.cluster import Executor, connect
 from ssa_dask.cost import PearsonCost, cost_blocks
 from ssa_dask.errors import ConvergenceWarning, OutputExistsError, SSAClusterError, SSAError, SSAInputError
@@ -46,10 +46,12 @@ __all__ = [
     "align",
     "assignment_dataset",
     "build_kernel",
+    "column_potential",
     "connect",
     "cost_blocks",
     "ingest",
     "kernel_from_array",
+    "open_result",
     "read_expression",
     "read_result",
     "select_genes",
