@@ -152,9 +152,6 @@ def align_command(
             read=dict(log1p=log1p, sc_layer=sc_layer, spots_layer=spots_layer, gene_key=gene_key),
             tls=(tls_ca_file, tls_cert, tls_key), tls_security=tls_security,
         )
-        if warn_raw_counts:
-            _warn_if_raw_counts(cells, "scRNA")
-            _warn_if_raw_counts(spot_matrix, "spots")
         cluster_kwargs = _cluster_kwargs(n_workers, threads_per_worker, memory_limit, cluster_config)
         if connect_timeout is not None:
             cluster_kwargs["timeout"] = connect_timeout
@@ -162,6 +159,9 @@ def align_command(
             cluster_kwargs["timeout"] = 600.0
         with connect(scheduler, progress=True, security=security, insecure=insecure,
                      dashboard_address=dashboard_address, **cluster_kwargs) as executor:
+            if warn_raw_counts:  # read here, once every option and the connection are known to be good
+                _warn_if_raw_counts(cells, "scRNA")
+                _warn_if_raw_counts(spot_matrix, "spots")
             result = ssa_dask.align(
                 cells, spot_matrix, n_genes=n_genes, lam=lam, eps=eps, marginals=marginals, tol=tol,
                 max_iter=max_iter, log_domain=domain, top_k=top_k, block_rows=block_rows,
