@@ -132,3 +132,12 @@ def test_small_align_leaves_no_warning_on_stderr(tmp_path, counts_problem, sched
     assert "aligned 300 cells" in " ".join(done.stderr.split())
     assert not re.search(r"\w*Warning\b|warnings\.warn|WARNING", done.stderr), done.stderr
     assert ssa_dask.open_result(str(tmp_path / "r.zarr"))["top_spot"].shape == (300, 2)
+
+
+def test_python_warnings_are_one_log_line(tmp_path, counts_problem):
+    sc_path, spots_path = _write_counts(tmp_path, counts_problem)
+    result = runner.invoke(app, ["align", str(sc_path), str(spots_path), "-o", str(tmp_path / "r.zarr"), "--log1p",
+                                 "--max-iter", "3", "--scheduler", "threads"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "ConvergenceWarning: Sinkhorn stopped after max_iter=3 iterations" in result.output
+    assert "align.py" not in result.output and "result = sinkhorn(" not in result.output

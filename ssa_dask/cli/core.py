@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,18 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    warnings.showwarning = _log_warning
     import distributed  # noqa: F401  (creates its loggers, which we quieten below)
 
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("distributed"):
             logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                 line: str | None = None) -> None:
+    """Show a Python warning as one log line (its class and message), not as a source path and code line."""
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
 
 
 def refuse_existing(path: Path, overwrite: bool) -> None:
