@@ -3,6 +3,12 @@
 The plan ``T = diag(a) K diag(b)`` is never formed: row ``i``'s largest entries are those of
 ``K_ij b_j`` and the row-normalised weights are ``K_ij b_j / sum_l K_il b_l``; one pass over the
 kernel blocks gives them for every cell.
+
+The result is a tidy xarray Dataset: per-cell variables over ``cell`` (and ``rank``), per-spot
+variables over ``spot_id`` (``column_potential``, ``spot_xy``, ``spot_kept``), the genes left out
+as coordinates over their own dimensions, and only JSON scalars in ``attrs``.  It is written to
+Zarr in chunks of 100,000 cells with consolidated metadata, and opened lazily by
+:func:`open_result` (or plain ``xr.open_zarr``).
 """
 
 from __future__ import annotations
