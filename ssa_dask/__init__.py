@@ -9,7 +9,7 @@ The pipeline, one module a step::
 """
 
 from ssa_dask.align import align
-from ssa_dask.assign import add_to_anndata, assignment_dataset, read_result, write_result
+from ssa_dask.assign import add_to_anndata, assignment_dataset, column_potential, open_result, read_result, write_result
 from ssa_dask.cluster import Executor, connect
 from ssa_dask.cost import PearsonCost, cost_blocks
 from ssa_dask.errors import ConvergenceWarning, OutputExistsError, SSAClusterError, SSAError, SSAInputError
@@ -54,6 +54,7 @@ __all__ = [
     "align",
     "assignment_dataset",
     "build_kernel",
+    "column_potential",
     "composition",
     "connect",
     "cost_blocks",
@@ -62,6 +63,7 @@ __all__ = [
     "ingest",
     "kernel_from_array",
     "open_plan",
+    "open_result",
     "read_expression",
     "read_result",
     "select_genes",

@@ -14,7 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 import xarray as xr
 
-from ssa_dask.assign import assignment_dataset
+from ssa_dask.assign import assignment_dataset, spots_over_input
 from ssa_dask.cluster import Executor, connect
 from ssa_dask.cost import cost_blocks, lazy_pearson_cost
 from ssa_dask.errors import SSAInputError
@@ -106,7 +106,7 @@ def align(
     memory_budget : int, optional
         Bytes the workers may use (default: the cluster's memory, or this machine's available memory).
     init_g : (n_spots,) array, optional
-        Warm-start column potential (e.g. ``result.attrs["column_potential"]`` of an earlier run).
+        Warm-start column potential (e.g. ``ssa_dask.column_potential(result)`` of an earlier run).
     checkpoint : str, optional
         ``.npz`` file where the Sinkhorn state is saved every 10 iterations; when it exists the run
         resumes from it.  Removed after a successful run.
@@ -133,10 +133,12 @@ def align(
         Over ``cell``: ``spot`` (index), ``spot_name``, ``probability``, ``spot_x``/``spot_y`` when the
         spots have coordinates, ``potential`` (row potential ``f``); over ``(cell, rank)``:
         ``top_spot``, ``top_probability``; ``assigned`` (False for cells left out by ``drop_empty``);
-        coordinate ``gene`` with the genes used; attrs with the run record (``lam``, ``eps``,
-        ``n_iter``, ``marginal_error``, ``converged``, ``log_domain``, ``kernel_storage``,
-        ``column_potential`` over the spots kept, ``n_cells_dropped``, ``n_spots_dropped``,
-        ``spots_dropped``).  ``spot`` and ``top_spot`` index the rows of the input spot matrix;
+        coordinate ``gene`` with the genes used (and ``gene_missing_in_spots``, ``gene_constant``);
+        over ``spot_id`` (the input spots, named): ``column_potential`` (``g``, NaN for spots dropped
+        as empty; read it with :func:`ssa_dask.column_potential`), ``spot_xy``, ``spot_kept``; attrs
+        with the run record (JSON scalars: ``lam``, ``eps``, ``n_iter``, ``marginal_error``,
+        ``converged``, ``log_domain``, ``kernel_storage``, ``n_cells_dropped``, ``n_spots_dropped``,
+        how the inputs were read).  ``spot`` and ``top_spot`` index the rows of the input spot matrix;
         unassigned cells have ``spot`` -1, ``spot_name`` "" and NaN probabilities and coordinates.
 
     Warnings are logged (logger ``ssa_dask.align``) for degenerate input: a row whose mass exceeds
@@ -221,20 +223,19 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
         "n_iter": result.n_iter,
         "resumed_from_iteration": result.start_iteration,
         "marginal_error": result.marginal_error,
-        "converged": int(result.converged),
+        "converged": bool(result.converged),
         "tol": tol,
-        "log_domain": int(result.log_domain),
+        "log_domain": bool(result.log_domain),
         "marginals": marginals,
         "kernel_storage": storage,
-        "kernel_reused": int(kernel.reused),
+        "kernel_reused": bool(kernel.reused),
         "n_genes_requested": n_genes,
         "n_genes_used": len(genes),
-        "genes_missing_in_spots": selection.missing_in_spots,
-        "genes_constant": selection.constant,
         "sinkhorn_seconds": result.seconds,
-        "column_potential": result.g.tolist(),
     }
-    ds = assignment_dataset(top_spot, top_probability, cells.names, spot_matrix.names, spot_matrix.coords, f=f, attrs=attrs)
+    ds = assignment_dataset(top_spot, top_probability, cells.names, spot_matrix.names, spot_matrix.coords, f=f, attrs=attrs,
+                            g=result.g, genes_missing_in_spots=selection.missing_in_spots,
+                            genes_constant=selection.constant)
     return inputs.restore(ds.assign_coords(gene=np.asarray(genes, dtype=object)))
 
 
@@ -363,9 +364,8 @@ class _CheckedInputs:
             ds = _expand_cells(ds, self.kept_cells, n_all).assign_coords(cell=np.asarray(self.all_cell_names, dtype=object))
         ds["assigned"] = ("cell", assigned)
         ds["assigned"].attrs["description"] = "False for cells left out as empty (drop_empty): no spot, NaN probability"
-        ds.attrs.update(n_cells_dropped=self.n_cells_dropped, n_spots_dropped=self.n_spots_input - self.kept_spots.size,
-                        spots_dropped=self.dropped_spot_names)
-        return ds
+        ds.attrs.update(n_cells_dropped=self.n_cells_dropped, n_spots_dropped=self.n_spots_input - self.kept_spots.size)
+        return spots_over_input(ds, self.kept_spots, self.n_spots_input, self.dropped_spot_names)
 
 
 def _checked_inputs(cells: ExpressionMatrix, spots: ExpressionMatrix, executor: Executor, marginals: str,

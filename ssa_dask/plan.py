@@ -1,7 +1,7 @@
 """The whole transport plan of an SSA result, lazily: never stored, recomputed block by block.
 
 A result of :func:`ssa_dask.align` holds the row potential ``f`` (``potential``), the column
-potential ``g`` (``attrs["column_potential"]``) and ``eps``.  With the cost ``D = 1 - |rho|``
+potential ``g`` (:func:`ssa_dask.column_potential`) and ``eps``.  With the cost ``D = 1 - |rho|``
 recomputed from the inputs exactly as :func:`~ssa_dask.align` computes it, the plan is
 
     T_ij = exp((f_i + g_j - D_ij) / eps),
@@ -30,7 +30,7 @@ import xarray as xr
 from dask.delayed import Delayed
 
 from ssa_dask.align import _checked_inputs, _take_rows, default_block_rows
-from ssa_dask.assign import read_result
+from ssa_dask.assign import column_potential, read_result
 from ssa_dask.cluster import Executor, connect
 from ssa_dask.cost import PearsonCost, cost_blocks, lazy_pearson_cost
 from ssa_dask.errors import SSAInputError
@@ -389,7 +389,9 @@ def open_plan(
 
 def _check_result(result: xr.Dataset) -> None:
     missing = [name for name in ("potential",) if name not in result]
-    missing += [name for name in ("column_potential", "eps") if name not in result.attrs]
+    missing += [name for name in ("eps",) if name not in result.attrs]
+    if "column_potential" not in result and "column_potential" not in result.attrs:
+        missing.append("column_potential")
     if "gene" not in result.coords:
         missing.append("gene (coordinate)")
     if missing:
@@ -408,7 +410,7 @@ def _check_shapes(result: xr.Dataset, cells: ExpressionMatrix, spots: Expression
         raise SSAInputError(f"scRNA: cell names differ from the result's ({differ.size} of {len(result_cells)}, first "
                             f"at row {differ[0]}: {cells.names[differ[0]]!r} vs {result_cells[differ[0]]!r}); pass the "
                             "cells in the result's order")
-    n_spots = len(result.attrs["column_potential"]) + int(result.attrs.get("n_spots_dropped", 0))
+    n_spots = column_potential(result).size + int(result.attrs.get("n_spots_dropped", 0))
     if spots.shape[0] != n_spots:
         raise SSAInputError(f"spots: {spots.shape[0]} spots, but the result was computed on {n_spots}: not the spots "
                             "it was computed from")
@@ -430,7 +432,7 @@ def _build_plan(result: xr.Dataset, cells: ExpressionMatrix, spots: ExpressionMa
     if not np.array_equal(inputs.kept_cells, np.flatnonzero(assigned)):
         raise SSAInputError("scRNA: the empty cells of the input are not the cells the result left unassigned: not the "
                             "cells it was computed from")
-    g = np.asarray(attrs["column_potential"], dtype=np.float64)
+    g = column_potential(result)
     if inputs.kept_spots.size != g.size:
         raise SSAInputError(f"spots: {inputs.kept_spots.size} non-empty spots, but the result has potentials for "
                             f"{g.size}: not the spots it was computed from")

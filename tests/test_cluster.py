@@ -218,7 +218,7 @@ def test_sigterm_mid_run_cleans_up_and_prints_one_line(tmp_path, counts_problem)
     process = subprocess.Popen(
         [str(BIN / "ssa-dask"), "align", "data/cells.zarr", "data/spots.h5ad", "-o", "out.zarr", "--n-genes", "30",
          "--tol", "1e-300", "--max-iter", "100000000", "--kernel-storage", "zarr", "--kernel-path", "scratch",
-         "--scheduler", "threads"],
+         "--scheduler", "threads", "--no-log1p"],
         cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not any((store / "manifest.json").exists() for store in scratch.glob("ssa-kernel-*")):

@@ -232,9 +232,9 @@ def test_operator_pods_align_over_tls(docker, image, tmp_path, counts_problem):
     direct = ssa_dask.align(str(data / "sc.zarr"), str(data / "spots.zarr"), client=None, block_rows=BLOCK_ROWS)
     assert result.sizes["cell"] == sc.shape[0]
     assert set(result.data_vars) == set(direct.data_vars)
-    for name in direct.data_vars:  # bit-identical
+    for name in set(direct.data_vars) - {"column_potential"}:  # bit-identical (the spots' potential: below)
         np.testing.assert_array_equal(result[name].values, direct[name].values, err_msg=name)
     assert result.attrs["n_iter"] == direct.attrs["n_iter"]
     # the spots' potential is summed over the blocks in the order they arrive: equal to rounding
-    np.testing.assert_allclose(result.attrs["column_potential"], direct.attrs["column_potential"], rtol=1e-12)
+    np.testing.assert_allclose(ssa_dask.column_potential(result), ssa_dask.column_potential(direct), rtol=1e-12)
     print(f"containers: scheduler + 2 workers + driver, {elapsed:.1f} s")

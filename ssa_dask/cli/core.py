@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import tempfile
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    warnings.showwarning = _log_warning
     import distributed  # noqa: F401  (creates its loggers, which we quieten below)
 
     for name in list(logging.root.manager.loggerDict):
@@ -47,10 +50,45 @@ def setup_logging(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                 line: str | None = None) -> None:
+    """Show a Python warning as one log line (its class and message), not as a source path and code line."""
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
+
+
 def refuse_existing(path: Path, overwrite: bool) -> None:
     """Stop before any work when ``path`` exists and ``--overwrite`` was not given."""
     if path.exists() and not overwrite:
         fail(f"{path} exists; pass --overwrite to replace it")
+
+
+#: Why ``ssa-dask`` runs on an embedded LocalCluster by default while ``ssa_dask.align`` runs on threads.
+SCHEDULER_HELP = (
+    "'local' (default): an embedded LocalCluster of worker processes, with memory limits, spilling and a dashboard, "
+    "as a batch run wants. 'threads': this process's threads, the default of the Python API (ssa_dask.align), "
+    "which starts no processes inside a notebook and ships no in-memory inputs to workers."
+)
+#: Whole-number input whose largest value (in the rows looked at) exceeds this is reported as raw counts.
+RAW_COUNT_MIN_MAX = 10
+#: Rows of each input looked at for the raw-count warning (one read of the first rows, before any cluster starts).
+RAW_COUNT_ROWS = 1000
+
+
+def _warn_if_raw_counts(matrix: Any, role: str) -> None:
+    """Log a warning when the first rows of ``matrix`` hold only whole numbers above ``RAW_COUNT_MIN_MAX``."""
+    import dask
+    import scipy.sparse as sp
+
+    n_rows = min(RAW_COUNT_ROWS, matrix.shape[0])
+    with dask.config.set(scheduler="sync"):
+        head = matrix.X[:n_rows].compute()
+    values = head.data if sp.issparse(head) else np.asarray(head).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0 or values.max() <= RAW_COUNT_MIN_MAX or not np.array_equal(values, np.round(values)):
+        return
+    log.warning("%s: the first %d rows hold only whole numbers up to %g, which looks like raw counts; SSA's Pearson "
+                "cost is normally computed on log-normalised data: pass --log1p to apply log(1+x), or --no-log1p to "
+                "use the values as they are (and silence this warning)", role, n_rows, float(values.max()))
 
 
 def _cluster_kwargs(n_workers: int | None, threads_per_worker: int | None, memory_limit: str | None,
@@ -82,11 +120,11 @@ def align_command(
     kernel_path: Path | None = typer.Option(None, help="Scratch directory for the kernel store (removed after the run; shared file system on a multi-node cluster)."),
     block_rows: int | None = typer.Option(None, help="Cells per block (default: ~128 MiB blocks)."),
     checkpoint: Path | None = typer.Option(None, help="Save Sinkhorn state here every 10 iterations; a rerun resumes from it and reuses the kernel store."),
-    log1p: bool = typer.Option(False, "--log1p", help="Apply log(1+x) to both matrices first."),
+    log1p: bool | None = typer.Option(None, "--log1p/--no-log1p", help="Apply log(1+x) to both matrices first. Default OFF here (inputs are usually normalised already), unlike `simulate` and `benchmark` (default ON, they bin raw counts); without either flag, a warning is logged when the input looks like raw counts."),
     sc_layer: str | None = typer.Option(None, help="AnnData layer of the scRNA matrix."),
     spots_layer: str | None = typer.Option(None, help="AnnData layer of the spot matrix."),
     gene_key: str | None = typer.Option(None, help="var column holding gene names."),
-    scheduler: str = typer.Option("local", help="'local' (embedded LocalCluster), 'threads', 'slurm', 'kubernetes', or a scheduler address (tls://host:8786)."),
+    scheduler: str = typer.Option("local", help=SCHEDULER_HELP + " A scheduler address (tls://host:8786), 'slurm' and 'kubernetes' run on a cluster."),
     n_workers: int | None = typer.Option(None, help="Workers of a cluster started here."),
     threads_per_worker: int | None = typer.Option(None, help="Threads per worker of a LocalCluster."),
     memory_limit: str | None = typer.Option(None, help="Memory limit per worker, e.g. '8GiB'."),
@@ -110,6 +148,8 @@ def align_command(
     from ssa_dask.cluster import connect, tls_security
 
     setup_logging(verbose)
+    warn_raw_counts = log1p is None
+    log1p = bool(log1p)
     domain = {"auto": "auto", "log": True, "kernel": False}[log_domain.value]
     try:
         cells, spot_matrix, security = _preflight(
@@ -127,6 +167,9 @@ def align_command(
             cluster_kwargs["timeout"] = 600.0
         with connect(scheduler, progress=True, security=security, insecure=insecure,
                      dashboard_address=dashboard_address, **cluster_kwargs) as executor:
+            if warn_raw_counts:  # read here, once every option and the connection are known to be good
+                _warn_if_raw_counts(cells, "scRNA")
+                _warn_if_raw_counts(spot_matrix, "spots")
             result = ssa_dask.align(
                 cells, spot_matrix, n_genes=n_genes, lam=lam, eps=eps, marginals=marginals, tol=tol,
                 max_iter=max_iter, log_domain=domain, top_k=top_k, block_rows=block_rows,
@@ -209,7 +252,6 @@ def _write_obs(result: Any, path: Path, overwrite: bool) -> None:
 
     adata = ad.AnnData(obs=pd.DataFrame(index=pd.Index(result["cell"].values, dtype=str)))
     add_to_anndata(adata, result)
-    adata.uns["ssa"] = {k: v for k, v in result.attrs.items() if k != "column_potential"}
     write_atomically(path, lambda tmp: adata.write_h5ad(tmp), overwrite=overwrite)
 
 
@@ -252,7 +294,7 @@ def demo_command(
     n_spots: int = typer.Option(400, help="Approximate number of grid spots."),
     fraction: float = typer.Option(0.5, help="Fraction of cells sub-sampled as the 'scRNA' set."),
     seed: int = typer.Option(0, help="Seed of the tissue and the sub-sample."),
-    scheduler: str = typer.Option("local", help="'local' (embedded LocalCluster), 'threads', or a scheduler address."),
+    scheduler: str = typer.Option("local", help=SCHEDULER_HELP + " Or a scheduler address."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Simulate a tissue, bin it into spots as the SSA paper does, align, and score against the truth."""
@@ -270,7 +312,13 @@ def demo_command(
     log.info("synthetic tissue: %d cells x %d genes, %d types; %d spots; %d cells sub-sampled as scRNA",
              tissue.n_obs, tissue.n_vars, tissue.obs["cell_type"].nunique(), spots.n_obs, sc.n_obs)
     try:
-        result = ssa_dask.align(sc, spots, log1p=True, client=scheduler, progress=True)
+        with tempfile.TemporaryDirectory(prefix="ssa-demo-") as tmp:
+            # Aligned from files, as `ssa-dask align` does: workers read their blocks instead of receiving the
+            # matrices inside the task graph (which Dask warns about on a cluster).
+            sc.write_h5ad(Path(tmp) / "sc.h5ad")
+            spots.write_h5ad(Path(tmp) / "spots.h5ad")
+            result = ssa_dask.align(Path(tmp) / "sc.h5ad", Path(tmp) / "spots.h5ad", log1p=True, client=scheduler,
+                                    progress=True)
         write_result(result, str(out), overwrite=overwrite)
     except SSAError as exc:
         fail(str(exc))
