@@ -373,8 +373,8 @@ def _checked_inputs(cells: ExpressionMatrix, spots: ExpressionMatrix, executor: 
     """Summarise both matrices in one pass each, check their values and sizes, drop empty rows if asked."""
     _check_row_count(cells.shape[0], "scRNA", "cell")
     _check_row_count(spots.shape[0], "spots", "spot")
-    cell_summary = summarize(cells.X, executor)
-    spot_summary = summarize(spots.X, executor)
+    cell_summary = summarize(cells.X, executor, label="statistics of the cells")
+    spot_summary = summarize(spots.X, executor, label="statistics of the spots")
     empty_cells = _check_values(cell_summary, cells, "scRNA", marginals, drop_empty)
     empty_spots = _check_values(spot_summary, spots, "spots", marginals, drop_empty)
     all_cell_names, n_spots_input = pd.Index(cells.names), spots.shape[0]

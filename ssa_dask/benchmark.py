@@ -327,7 +327,8 @@ def run_benchmark(adata: ad.AnnData, cfg: BenchmarkConfig, *, progress: bool = T
     -------
     BenchmarkResult
     """
-    from rich.progress import (
+    from rich.console import Console
+from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
         Progress,
@@ -379,6 +380,7 @@ def run_benchmark(adata: ad.AnnData, cfg: BenchmarkConfig, *, progress: bool = T
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        console=Console(stderr=True),
         disable=not progress,
     ) as bar:
         task = bar.add_task("benchmark", total=len(reps) * len(cfg.methods) + n_sweep)

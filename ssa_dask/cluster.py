@@ -46,19 +46,34 @@ class Executor:
         self.progress = progress
         self._pool: ThreadPoolExecutor | None = None
 
-    def map(self, func: Callable[..., Any], *iterables: Sequence[Any], **kwargs: Any) -> list[Any]:
+    def map(self, func: Callable[..., Any], *iterables: Sequence[Any], label: str | None = None,
+            **kwargs: Any) -> list[Any]:
         """Apply ``func`` to each set of block handles in parallel; return results in order.
 
         Handles are NumPy arrays or small descriptors (local threads) or ``distributed`` futures,
         which each task receives resolved.  One task per block, no graph building: the per-call
-        overhead is about a millisecond per task on a cluster and microseconds locally.
+        overhead is about a millisecond per task on a cluster and microseconds locally.  With
+        ``label`` (and ``progress``), a bar counts the finished tasks.
         """
+        show = self.progress and label is not None
         if self.client is not None:
             futures = self.client.map(func, *iterables, pure=False, **kwargs)
+            if show:
+                _track_futures(futures, label)
             return self.client.gather(futures)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.n_threads())
-        return list(self._pool.map(lambda args: func(*args, **kwargs), zip(*iterables)))
+        results = self._pool.map(lambda args: func(*args, **kwargs), zip(*iterables))
+        if not show:
+            return list(results)
+        tasks = list(zip(*iterables))
+        collected = []
+        with _progress_bar() as bar:
+            task = bar.add_task(label, total=len(tasks))
+            for result in results:
+                collected.append(result)
+                bar.advance(task)
+        return collected
 
     def submit_map(self, func: Callable[..., Any], *iterables: Sequence[Any], **kwargs: Any) -> list[Any]:
         """Like :meth:`map` but keeps the results where they are: futures on a cluster (held in
@@ -122,12 +137,19 @@ class Executor:
             return dask.compute(*collections, scheduler="threads")
 
 
-def _track_futures(futures: list[Any], label: str) -> None:
-    from distributed import as_completed, futures_of
+def _progress_bar() -> Any:
+    """A transient rich progress bar on stderr (stdout stays clean for results)."""
+    from rich.console import Console
     from rich.progress import Progress
 
+    return Progress(transient=True, console=Console(stderr=True))
+
+
+def _track_futures(futures: list[Any], label: str) -> None:
+    from distributed import as_completed, futures_of
+
     flat = futures_of(futures)
-    with Progress(transient=True) as bar:
+    with _progress_bar() as bar:
         task = bar.add_task(label, total=len(flat))
         for _ in as_completed(flat):
             bar.advance(task)
@@ -141,9 +163,7 @@ class _RichProgress(Callback):
         self.label = label
 
     def __enter__(self) -> _RichProgress:
-        from rich.progress import Progress
-
-        self._bar = Progress(transient=True)
+        self._bar = _progress_bar()
         self._bar.start()
         self._task = self._bar.add_task(self.label, total=None)
         return super().__enter__()

@@ -145,7 +145,7 @@ class Kernel:
             Row potential, ``a = exp(f / eps)``.
         """
         parts = self.map_blocks(top_k_block, executor, self.row_vector(p, executor), g=np.asarray(g, np.float64),
-                                eps=self.eps, log_domain=self.log_domain, k=k)
+                                eps=self.eps, log_domain=self.log_domain, k=k, label="assignment (top-k)")
         values = np.concatenate(parts, axis=0)
         return values[:, :k].astype(np.int64), values[:, k : 2 * k], values[:, -1]
 
@@ -160,7 +160,7 @@ class Kernel:
         raise ValueError("axis must be 0 or 1")
 
     def map_blocks(self, func: Callable[..., Any], executor: Executor, *per_block: list[Any],
-                   reduce: Literal["sum", "logsumexp"] | None = None, **kwargs: Any) -> Any:
+                   reduce: Literal["sum", "logsumexp"] | None = None, label: str | None = None, **kwargs: Any) -> Any:
         """Apply ``func(block, *per_block_args, **kwargs)`` to every block, with few, large tasks.
 
         Blocks are grouped into one task per worker thread: on a cluster each task takes blocks held
@@ -177,6 +177,8 @@ class Kernel:
         reduce : {"sum", "logsumexp"}, optional
             Combine the per-block arrays inside each task and then across tasks: their sum, or
             ``log sum exp`` of arrays that hold logs (stable for any magnitude).
+        label : str, optional
+            Progress-bar label for a long pass (shown when the executor shows progress).
         **kwargs
             Passed to every call.
 
@@ -190,6 +192,7 @@ class Kernel:
             partial(_run_group, func, reduce),
             [[self.blocks[i] for i in group] for group in groups],
             *[[[values[i] for i in group] for group in groups] for values in per_block],
+            label=label,
             **kwargs,
         )
         if reduce is not None:

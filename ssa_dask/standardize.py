@@ -86,7 +86,7 @@ def _block_row_totals(block: Any) -> np.ndarray:
     return np.where(np.isfinite(totals), totals, np.nan)
 
 
-def summarize(X: da.Array, executor: Executor) -> MatrixSummary:
+def summarize(X: da.Array, executor: Executor, label: str | None = None) -> MatrixSummary:
     """Per-gene sums and squares, row totals and value checks of ``X`` in one pass.
 
     Parameters
@@ -95,6 +95,8 @@ def summarize(X: da.Array, executor: Executor) -> MatrixSummary:
         ``(n_rows, G)`` matrix chunked along rows (dense or CSR chunks).
     executor : Executor
         Where to run the reduction.
+    label : str, optional
+        Progress-bar label (shown when the executor shows progress).
 
     Returns
     -------
@@ -105,7 +107,7 @@ def summarize(X: da.Array, executor: Executor) -> MatrixSummary:
         _block_moments, dtype=np.float64, chunks=((1,) * X.numblocks[0], (2 * n_genes + 2,)), meta=np.empty((0, 0))
     )
     totals = X.map_blocks(_block_row_totals, dtype=np.float64, drop_axis=1, meta=np.empty(0))
-    packed, row_totals = executor.compute(moments, totals)
+    packed, row_totals = executor.compute(moments, totals, label=label)
     gene_sum = packed[:, :n_genes].sum(axis=0)
     gene_sumsq = packed[:, n_genes : 2 * n_genes].sum(axis=0)
     return MatrixSummary(
