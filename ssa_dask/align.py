@@ -43,6 +43,7 @@ def align(
     lam: float = 0.05,
     eps: float | None = None,
     marginals: Literal["total", "uniform"] = "total",
+    spot_mass: str | np.ndarray | None = None,
     tol: float = DEFAULT_TOL,
     max_iter: int = DEFAULT_MAX_ITER,
     log_domain: bool | Literal["auto"] = "auto",
@@ -87,6 +88,13 @@ def align(
         Absolute regularisation (overrides ``lam``).
     marginals : {"total", "uniform"}
         Masses ``p``, ``q``: normalised per-row totals (the method), or uniform.
+    spot_mass : str or (n_spots,) array, optional
+        Spot capacities ``q`` instead of ``marginals``: a column of the spots' ``obs`` (e.g.
+        ``"n_cells"``, cells per spot from nuclei segmentation, as CytoSPACE takes them) or an
+        array over the input spots; normalised to sum 1.  Totals suit spots that are *sums* of
+        their cells (UMI counts of a capture spot grow with its cells); spots that are *means* of
+        their cells (binned imaging data, the paper's semi-simulation) have totals that do not grow
+        with their cells, and the number of cells is the better capacity.
     tol : float
         Stop when the column-marginal L1 error is below ``tol`` (rows match exactly).
     max_iter : int
@@ -158,18 +166,21 @@ def align(
     checkpoint = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
     cells = read_expression(sc, layer=sc_layer, gene_key=gene_key, log1p=log1p, role="scRNA")
     spot_matrix = read_expression(spots, layer=spots_layer, gene_key=gene_key, log1p=log1p, role="spots")
+    capacity = spot_capacity(spot_mass, spot_matrix)
     with connect(client, progress=progress) as executor:
-        result = _align(cells, spot_matrix, executor, n_genes=n_genes, lam=lam, eps=eps, marginals=marginals, tol=tol,
+        result = _align(cells, spot_matrix, executor, n_genes=n_genes, lam=lam, eps=eps, marginals=marginals,
+                        capacity=capacity, tol=tol,
                         max_iter=max_iter, log_domain=log_domain, top_k=top_k, block_rows=block_rows,
                         kernel_storage=kernel_storage, kernel_path=kernel_path, memory_budget=memory_budget,
                         init_g=init_g, checkpoint=checkpoint, progress=progress, drop_empty=drop_empty)
     # How the inputs were read, so that open_plan can read them the same way.
-    result.attrs.update(log1p=int(log1p), sc_layer=sc_layer or "", spots_layer=spots_layer or "", gene_key=gene_key or "")
+    result.attrs.update(log1p=int(log1p), sc_layer=sc_layer or "", spots_layer=spots_layer or "", gene_key=gene_key or "",
+                        spot_mass=marginals if spot_mass is None else spot_mass if isinstance(spot_mass, str) else "array")
     return result
 
 
 def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Executor, *, n_genes, lam, eps, marginals,
-           tol, max_iter, log_domain, top_k, block_rows, kernel_storage, kernel_path, memory_budget, init_g,
+           capacity=None, tol, max_iter, log_domain, top_k, block_rows, kernel_storage, kernel_path, memory_budget, init_g,
            checkpoint, progress, drop_empty=False) -> xr.Dataset:
     log.info("scRNA: %d cells x %d genes; spots: %d x %d genes", *cells.shape, *spot_matrix.shape)
     inputs = _checked_inputs(cells, spot_matrix, executor, marginals, drop_empty)
@@ -200,7 +211,7 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
     finished = False
     try:
         p = kernel.row_vector(_masses(cell_summary.row_totals, marginals), executor)
-        q = _masses(spot_summary.row_totals, marginals)
+        q = _masses(spot_summary.row_totals, marginals) if capacity is None else _masses(capacity[inputs.kept_spots], "total")
         saver = Checkpoint(checkpoint) if checkpoint else None
         state = saver.resume(n_spots, kernel.eps) if saver is not None else None
         start_iteration = state.iteration if state is not None else 0
@@ -284,6 +295,37 @@ def _fingerprint(cells: MatrixSummary, spots: MatrixSummary, genes: pd.Index, la
             digest.update(np.ascontiguousarray(values, dtype=np.float64).tobytes())
     digest.update(repr((list(map(str, genes)), lam, eps, str(log_domain), rows)).encode())
     return digest.hexdigest()
+
+
+def spot_capacity(spot_mass: str | np.ndarray | None, spots: ExpressionMatrix) -> np.ndarray | None:
+    """The spot capacities named by ``spot_mass`` (an obs column or an array), checked; None for the default.
+
+    Raises
+    ------
+    SSAInputError
+        A missing or non-numeric column, a wrong length, or a capacity that is not finite and positive.
+    """
+    if spot_mass is None:
+        return None
+    if isinstance(spot_mass, str):
+        obs = spots.obs if spots.obs is not None else pd.DataFrame()
+        if spot_mass not in obs.columns:
+            raise SSAInputError(f"spots: spot_mass={spot_mass!r} is not a column of the spots' obs "
+                                f"(columns: {list(obs.columns)[:10]})")
+        values, what = obs[spot_mass], f"obs[{spot_mass!r}]"
+    else:
+        values, what = spot_mass, "spot_mass"
+    try:
+        capacity = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise SSAInputError(f"spots: {what} is not numeric") from None
+    if capacity.shape != (spots.shape[0],):
+        raise SSAInputError(f"spots: {what} has shape {capacity.shape}, expected ({spots.shape[0]},) (one per spot)")
+    bad = np.flatnonzero(~np.isfinite(capacity) | (capacity <= 0))
+    if bad.size:
+        raise SSAInputError(f"spots: {bad.size} spot(s) have a capacity in {what} that is not a positive number (e.g. "
+                            f"{list(pd.Index(spots.names)[bad[:5]])}); every spot must be able to receive cells")
+    return capacity
 
 
 def _masses(totals: np.ndarray, marginals: str) -> np.ndarray:

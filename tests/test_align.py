@@ -315,3 +315,32 @@ def test_checkpoint_resume_counts_the_iterations_before_it(counts_problem, tmp_p
     assert resumed.attrs["resumed_from_iteration"] == 10
     np.testing.assert_array_equal(resumed["spot"].values, whole["spot"].values)
     assert not state.exists()  # removed once converged
+
+
+def test_spot_capacities_replace_the_spot_totals(counts_problem):
+    """q from given capacities equals POT's Sinkhorn with that q on the same cost."""
+    import anndata as ad
+    import ot
+    import pandas as pd
+
+    from ssa_dask.reference import pearson_cost
+
+    sc, spots = counts_problem
+    capacity = np.random.default_rng(5).integers(1, 30, spots.shape[0]).astype(float)
+    slide = ad.AnnData(spots, obs=pd.DataFrame({"n_cells": capacity}, index=[f"s{i}" for i in range(spots.shape[0])]),
+                       var=pd.DataFrame(index=[f"gene_{g}" for g in range(spots.shape[1])]))
+    by_column = ssa_dask.align(sc, slide, n_genes=40, spot_mass="n_cells", tol=1e-8)
+    by_array = ssa_dask.align(sc, spots, n_genes=40, spot_mass=capacity, tol=1e-8)
+    cost = pearson_cost(sc, spots)
+    p, q = sc.sum(1) / sc.sum(), capacity / capacity.sum()
+    plan = ot.sinkhorn(p, q, cost, by_column.attrs["eps"], numItermax=100_000, stopThr=1e-12)
+    np.testing.assert_array_equal(by_column["spot"].values, plan.argmax(1))
+    np.testing.assert_allclose(by_column["probability"].values, plan.max(1) / plan.sum(1), rtol=1e-3)
+    np.testing.assert_array_equal(by_array["spot"].values, by_column["spot"].values)
+    assert by_column.attrs["spot_mass"] == "n_cells" and by_array.attrs["spot_mass"] == "array"
+    default = ssa_dask.align(sc, spots, n_genes=40, tol=1e-8)
+    assert (default["spot"].values != by_column["spot"].values).any()  # the capacities matter
+    with pytest.raises(ssa_dask.SSAInputError, match="not a column of the spots' obs"):
+        ssa_dask.align(sc, slide, n_genes=40, spot_mass="cells")
+    with pytest.raises(ssa_dask.SSAInputError, match="not a positive number"):
+        ssa_dask.align(sc, spots, n_genes=40, spot_mass=np.where(capacity > 5, capacity, 0.0))

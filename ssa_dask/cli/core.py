@@ -115,6 +115,7 @@ def align_command(
     drop_empty: bool = typer.Option(False, "--drop-empty", help="Leave out cells and spots with zero total expression (logged; reported unassigned, assigned=False) instead of refusing the run."),
     top_k: int = typer.Option(1, help="Best spots reported per cell."),
     marginals: str = typer.Option("total", help="'total' (per-row totals, the method) or 'uniform'."),
+    spot_mass: str | None = typer.Option(None, help="Spot capacities q from this column of the spots' obs (e.g. n_cells, cells per spot) instead of per-spot totals; suits spots that are means of their cells."),
     log_domain: Domain = typer.Option(Domain.auto, help="Sinkhorn domain."),
     kernel_storage: Storage = typer.Option(Storage.auto, help="Kernel blocks in worker memory or streamed from Zarr."),
     kernel_path: Path | None = typer.Option(None, help="Scratch directory for the kernel store (removed after the run; shared file system on a multi-node cluster)."),
@@ -157,7 +158,7 @@ def align_command(
             options={"--lam": lam, "--eps": eps, "--tol": tol, "--max-iter": max_iter, "--top-k": top_k,
                      "--block-rows": block_rows, "--n-genes": n_genes},
             scheduler=scheduler, n_workers=n_workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
-            read=dict(sc_layer=sc_layer, spots_layer=spots_layer, gene_key=gene_key),
+            read=dict(sc_layer=sc_layer, spots_layer=spots_layer, gene_key=gene_key, spot_mass=spot_mass),
             tls=(tls_ca_file, tls_cert, tls_key), tls_security=tls_security,
         )
         cluster_kwargs = _cluster_kwargs(n_workers, threads_per_worker, memory_limit, cluster_config)
@@ -175,7 +176,7 @@ def align_command(
                 max_iter=max_iter, log_domain=domain, top_k=top_k, block_rows=block_rows,
                 kernel_storage=kernel_storage.value, kernel_path=str(kernel_path) if kernel_path else None,
                 client=executor.client, progress=True, checkpoint=str(checkpoint) if checkpoint else None,
-                drop_empty=drop_empty, log1p=log1p,
+                drop_empty=drop_empty, log1p=log1p, spot_mass=spot_mass,
             )
         _write_outputs(result, out, obs_out, overwrite)
     except (SSAError, OutputExistsError) as exc:
@@ -191,6 +192,7 @@ def _preflight(sc: Path, spots: Path, out: Path, obs_out: Path | None, checkpoin
                scheduler: str, n_workers: int | None, threads_per_worker: int | None, memory_limit: str | None,
                read: dict[str, Any], tls: tuple[Path | None, ...], tls_security: Any) -> tuple[Any, Any, Any]:
     """Every check that needs no cluster; returns the (lazily) opened inputs and the TLS credentials."""
+    from ssa_dask.align import spot_capacity
     from ssa_dask.cli import _checks
     from ssa_dask.cluster import check_scheduler
     from ssa_dask.io import read_expression
@@ -208,6 +210,7 @@ def _preflight(sc: Path, spots: Path, out: Path, obs_out: Path | None, checkpoin
     scratch = local_directory(kernel_path, "--kernel-path")
     cells = read_expression(sc, layer=read["sc_layer"], gene_key=read["gene_key"], role="scRNA")
     spot_matrix = read_expression(spots, layer=read["spots_layer"], gene_key=read["gene_key"], role="spots")
+    spot_capacity(read["spot_mass"], spot_matrix)
     if options["--top-k"] > spot_matrix.shape[0]:
         raise SSAInputError(f"--top-k {options['--top-k']} exceeds the number of spots ({spot_matrix.shape[0]})")
     if kernel_storage == "zarr":
