@@ -232,7 +232,7 @@ def read_plan_summary(path: str | os.PathLike) -> xr.Dataset:
 
 
 def _write_cells(summary: xr.Dataset, adata: Any, rows: np.ndarray, key: str, spatial_key: str | None) -> list[str]:
-    spot_name = pd.Series(summary["spot_name"].values[rows], dtype=object)
+    spot_name = pd.Series(np.asarray(summary["spot_name"].values[rows]).astype(object))
     written = []
 
     def obs(name: str, values: Any) -> None:
@@ -253,7 +253,7 @@ def _write_cells(summary: xr.Dataset, adata: Any, rows: np.ndarray, key: str, sp
             adata.obsm[spatial_key] = position.copy()
             written.append(f"obsm[{spatial_key!r}]")
     adata.obsm[f"{key}_top_k"] = top_k_matrix(summary)[rows]
-    adata.uns[f"{key}_top_k_spots"] = np.asarray(summary["spot"].values.astype(str), dtype=object)
+    adata.uns[f"{key}_top_k_spots"] = np.asarray(_names(summary["spot"].values), dtype=object)
     written += [f"obsm[{key + '_top_k'!r}]", f"uns[{key + '_top_k_spots'!r}]"]
     log.info("cells: added %s", ", ".join(written))
     return written
@@ -266,12 +266,12 @@ def _write_spots(summary: xr.Dataset, adata: Any, rows: np.ndarray, key: str) ->
         counts = np.asarray(summary["expected_count"].values[rows], dtype=np.float64)
         adata.obsm[f"{key}_expected_count"] = counts
         adata.obs[f"{key}_expected_cells"] = counts.sum(axis=1)
-        adata.uns[f"{key}_categories"] = np.asarray(summary["category"].values.astype(str), dtype=object)
+        adata.uns[f"{key}_categories"] = np.asarray(_names(summary["category"].values), dtype=object)
         written += [f"obsm[{key + '_composition'!r}]", f"obsm[{key + '_expected_count'!r}]",
                     f"obs[{key + '_expected_cells'!r}]", f"uns[{key + '_categories'!r}]"]
     if "imputed" in summary:
         imputed = np.asarray(summary["imputed"].values[rows], dtype=np.float64)
-        genes = pd.Index(summary["gene"].values.astype(str))
+        genes = _names(summary["gene"].values)
         adata.obsm[f"{key}_imputed"] = imputed
         adata.uns[f"{key}_imputed_genes"] = np.asarray(genes, dtype=object)
         written += [f"obsm[{key + '_imputed'!r}]", f"uns[{key + '_imputed_genes'!r}]"]
@@ -291,12 +291,17 @@ def _rows_by_name(names: pd.Index, available: np.ndarray, what: str, role: str) 
     if names.has_duplicates:
         raise SSAInputError(f"{what}: repeated obs_names {list(names[names.duplicated()].unique()[:5])}: {role} are "
                             "matched by name; make them unique first")
-    rows = pd.Index(np.asarray(available).astype(str)).get_indexer(names)
+    rows = _names(available).get_indexer(names)
     if (rows < 0).any():
         missing = names[rows < 0]
         raise SSAInputError(f"{what}: {missing.size} of {names.size} {role} are not in the plan (e.g. "
                             f"{list(missing[:5])}); {role} are matched by obs_names")
     return rows
+
+
+def _names(values: Any) -> pd.Index:
+    """Names as a pandas Index of ``str`` (from object, fixed-width or NumPy ``StringDType`` arrays, as Zarr returns)."""
+    return pd.Index(np.asarray(values).astype(object)).astype(str)
 
 
 def _top_k_columns(matrix: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
