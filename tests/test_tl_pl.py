@@ -317,3 +317,25 @@ def test_plots_name_the_missing_keys():
         pl.composition(spots, kind="donut")
     with pytest.raises(SSAInputError, match="value must be"):
         pl.uncertainty(cells, "doubt")
+
+
+def test_cells_and_spots_left_out_by_drop_empty_get_missing_values(tmp_path):
+    cells, spots = make_anndata(n_cells=60, n_spots=8)
+    X = cells.X.tolil()
+    X[3, :] = 0
+    cells.X = X.tocsr()
+    spots.X[5, :] = 0
+    tl.align(cells, spots, labels_key="cell_type", impute_genes=["g4"], top_k=2, n_genes=N_GENES_USED, drop_empty=True)
+    obs = cells.obs
+    assert pd.isna(obs["ssa_spot"].iloc[3]) and obs["ssa_spot"].drop(index="c3").notna().all()
+    assert np.isnan(obs["ssa_entropy"].iloc[3]) and np.isfinite(obs["ssa_entropy"].drop(index="c3")).all()
+    assert np.isnan(cells.obsm["spatial"][3]).all() and np.isfinite(np.delete(cells.obsm["spatial"], 3, 0)).all()
+    row_counts = np.diff(cells.obsm["ssa_top_k"].indptr)
+    assert row_counts[3] == 0 and np.all(np.delete(row_counts, 3) == 2)
+    assert cells.obsm["ssa_top_k"][:, 5].nnz == 0 and not (obs["ssa_spot"] == "s5").any()
+    assert np.isnan(spots.obsm["ssa_composition"][5]).all() and spots.obsm["ssa_expected_count"][5].sum() == 0
+    assert np.isnan(spots.obsm["ssa_imputed"][5]).all() and np.isfinite(np.delete(spots.obsm["ssa_imputed"], 5, 0)).all()
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    assert pd.isna(ad.read_h5ad(tmp_path / "cells.h5ad").obs["ssa_spot"].iloc[3])
+    assert pl.assignments(cells, "cell_type").collections[0].get_offsets().shape == (59, 2)
+    assert pl.composition(spots) is not None and pl.uncertainty(cells) is not None
