@@ -211,8 +211,11 @@ def write_plan_summary(
     else:
         summary = plan_summary(plan, **summary_options)
     # Every name is matched before anything is written.
-    cell_rows = None if adata_sc is None else _rows_by_name(adata_sc.obs_names, summary["cell"].values, "adata_sc", "cells")
-    spot_rows = None if adata_sp is None else _rows_by_name(adata_sp.obs_names, summary["spot"].values, "adata_sp", "spots")
+    cell_rows = spot_rows = None
+    if adata_sc is not None:
+        cell_rows = _rows_by_name(adata_sc.obs_names, summary["cell"].values, "adata_sc", "cells")
+    if adata_sp is not None:
+        spot_rows = _rows_by_name(adata_sp.obs_names, summary["spot"].values, "adata_sp", "spots")
     if path is not None:
         write_atomically(path, lambda tmp: summary.to_zarr(str(tmp), mode="w", consolidated=True, zarr_format=2),
                          overwrite=overwrite)
@@ -300,7 +303,7 @@ def _rows_by_name(names: pd.Index, available: np.ndarray, what: str, role: str) 
 
 
 def _names(values: Any) -> pd.Index:
-    """Names as a pandas Index of ``str`` (from object, fixed-width or NumPy ``StringDType`` arrays, as Zarr returns)."""
+    """Names as a pandas Index of ``str`` (from object, fixed-width or ``StringDType`` arrays, as Zarr gives)."""
     return pd.Index(np.asarray(values).astype(object)).astype(str)
 
 

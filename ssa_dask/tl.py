@@ -107,7 +107,8 @@ def align(
     return result
 
 
-def _genes_to_impute(adata_sc: Any, impute_genes: Sequence[str] | bool | None, gene_key: str | None) -> list[str] | None:
+def _genes_to_impute(adata_sc: Any, impute_genes: Sequence[str] | bool | None,
+                     gene_key: str | None) -> list[str] | None:
     if impute_genes is None or impute_genes is False:
         return None
     names = adata_sc.var[gene_key] if gene_key is not None else adata_sc.var_names

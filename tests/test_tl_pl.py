@@ -287,6 +287,9 @@ def test_plots_return_axes_and_draw_the_values(aligned):
     r = np.corrcoef(spots.X[:, 4], spots.obsm["ssa_imputed"][:, 0])[0, 1]
     assert imputed.get_title() == f"g4: imputed (r = {r:.2f})" and measured.get_title() == "g4: measured"
     np.testing.assert_allclose(measured.collections[0].get_array(), spots.X[:, 4])
+    sparse_spots = spots.copy()
+    sparse_spots.X = sp.csr_matrix(spots.X)
+    np.testing.assert_allclose(pl.imputed_vs_measured(sparse_spots, "g4")[0].collections[0].get_array(), spots.X[:, 4])
 
     ax = pl.uncertainty(cells, "top_probability")
     per_spot = cells.obs.groupby("ssa_spot", observed=True)["ssa_top_probability"].mean()
@@ -334,7 +337,8 @@ def test_cells_and_spots_left_out_by_drop_empty_get_missing_values(tmp_path):
     assert row_counts[3] == 0 and np.all(np.delete(row_counts, 3) == 2)
     assert cells.obsm["ssa_top_k"][:, 5].nnz == 0 and not (obs["ssa_spot"] == "s5").any()
     assert np.isnan(spots.obsm["ssa_composition"][5]).all() and spots.obsm["ssa_expected_count"][5].sum() == 0
-    assert np.isnan(spots.obsm["ssa_imputed"][5]).all() and np.isfinite(np.delete(spots.obsm["ssa_imputed"], 5, 0)).all()
+    imputed = spots.obsm["ssa_imputed"]
+    assert np.isnan(imputed[5]).all() and np.isfinite(np.delete(imputed, 5, 0)).all()
     cells.write_h5ad(tmp_path / "cells.h5ad")
     assert pd.isna(ad.read_h5ad(tmp_path / "cells.h5ad").obs["ssa_spot"].iloc[3])
     assert pl.assignments(cells, "cell_type").collections[0].get_offsets().shape == (59, 2)
