@@ -294,7 +294,7 @@ def heldout_correlation(check: xr.Dataset, *, ax: Axes | None = None, show: bool
     ax.axhline(median, color="tab:red", linestyle="--", label=f"median {median:.2f}")
     ax.set_xticks(np.arange(correlation.size), [str(g) for g in correlation.index], rotation=90, fontsize=7)
     ax.set_ylabel("Pearson r, imputed vs measured")
-    ax.legend(frameon=False, loc="lower right")
+    ax.legend(frameon=False, loc="upper left")
     ax.set_title("held-out genes")
     _show(show)
     return ax
