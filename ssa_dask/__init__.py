@@ -25,8 +25,21 @@ from ssa_dask.reference import ssa_dense
 from ssa_dask.progress import SinkhornProgress
 from ssa_dask.sinkhorn import Checkpoint, SavedState, SinkhornNumericalError, SinkhornResult, sinkhorn
 from ssa_dask.standardize import MatrixSummary, summarize
+from ssa_dask.summary import plan_summary, read_plan_summary, top_k_matrix, write_plan_summary
+from ssa_dask import tl  # noqa: E402  (scanpy-style namespace: ssa_dask.tl.align)
 
 __version__ = "0.1.0"
+
+
+
+def __getattr__(name: str):
+    """``ssa_dask.pl``: plotting, imported on first use (matplotlib takes about a second)."""
+    if name == "pl":
+        import importlib
+
+        return importlib.import_module("ssa_dask.pl")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Checkpoint",
@@ -64,13 +77,19 @@ __all__ = [
     "kernel_from_array",
     "open_plan",
     "open_result",
+    "pl",
+    "plan_summary",
+    "read_plan_summary",
     "read_expression",
     "read_result",
     "select_genes",
     "sinkhorn",
     "ssa_dense",
     "summarize",
+    "tl",
+    "top_k_matrix",
     "top_variance_genes",
     "uncertainty",
+    "write_plan_summary",
     "write_result",
 ]

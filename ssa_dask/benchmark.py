@@ -328,7 +328,7 @@ def run_benchmark(adata: ad.AnnData, cfg: BenchmarkConfig, *, progress: bool = T
     BenchmarkResult
     """
     from rich.console import Console
-from rich.progress import (
+    from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
         Progress,
