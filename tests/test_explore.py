@@ -43,6 +43,10 @@ def problem(tmp_path_factory):
     cells.write_h5ad(folder / "cells.h5ad")
     spot_data.write_h5ad(folder / "spots.h5ad")
     result = ssa_dask.align(cells, spot_data, n_genes=N_GENES_USED, tol=1e-7)
+    # the same alignment with the kernel streamed from a kernel store on disk, written and read back
+    on_disk = ssa_dask.align(cells, spot_data, n_genes=N_GENES_USED, tol=1e-7, kernel_storage="zarr",
+                             kernel_path=str(folder / "scratch"), block_rows=77)
+    ssa_dask.write_result(on_disk, str(folder / "result.zarr"))
     T = ssa_dense(sc, spots, n_genes=N_GENES_USED, tol=1e-12).plan
     return {"sc": sc, "coords": coords, "cell_type": cell_type, "cells": cells, "spot_data": spot_data,
             "folder": folder, "result": result, "T": T}
@@ -55,9 +59,12 @@ def cluster_client():
         yield executor.client
 
 
-@pytest.fixture(params=["threads-memory", "cluster-h5ad"])
+@pytest.fixture(params=["threads-memory", "cluster-h5ad", "zarr-kernel-result-from-disk"])
 def plan(request, problem):
-    if request.param == "cluster-h5ad":
+    if request.param == "zarr-kernel-result-from-disk":
+        folder = problem["folder"]
+        opened = open_plan(str(folder / "result.zarr"), str(folder / "cells.h5ad"), str(folder / "spots.h5ad"))
+    elif request.param == "cluster-h5ad":
         folder = problem["folder"]
         opened = open_plan(problem["result"], str(folder / "cells.h5ad"), str(folder / "spots.h5ad"),
                            client=request.getfixturevalue("cluster_client"), block_rows=64)
