@@ -187,6 +187,22 @@ def heldout(args: argparse.Namespace) -> None:
     write_result(f"{EXPLORE}/heldout_{args.dataset}", payload, load)
 
 
+def lam_sweep(args: argparse.Namespace) -> None:
+    """SSA alone on the same split at several ``lam`` (Tangram has no such knob to sweep here)."""
+    load = loadavg()
+    cells, spots, held = prepare_split(args)
+    rows, out = [], {}
+    for lam in args.lams:
+        args.lam = lam
+        res = run_ssa(cells, spots, held, args)
+        res["summary"] = s = summary(res.pop("correlation"))
+        out[str(lam)] = res
+        rows.append([lam, res["eps"], s["median"], s["q1"], s["q3"], res["seconds"]])
+    print_table(f"SSA held-out genes vs lam, {args.dataset}", ["lam", "eps", "median r", "q1", "q3", "seconds"], rows)
+    payload = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "heldout_genes": held, "results": out}
+    write_result(f"{EXPLORE}/heldout_lam_sweep_{args.dataset}", payload, load)
+
+
 # ----------------------------------------------------------------------------- memory vs genes
 def _synth_dir(args: argparse.Namespace) -> Path:
     return WORK_DIR / f"explore_synth_{args.cells}x{args.genes}_s{args.spots}_d{args.density:g}_seed{args.seed}"
@@ -323,22 +339,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
+    def split_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dataset", default="seqfish_mouse_embryo")
+        p.add_argument("--spot-size", type=float, default=0.2)
+        p.add_argument("--log1p", action="store_true", help="log(1+x) the cells and the spot means (raw counts)")
+        p.add_argument("--fraction", type=float, default=0.5, help="share of the slide's cells used as scRNA")
+        p.add_argument("--heldout-fraction", type=float, default=0.1)
+        p.add_argument("--seed", type=int, default=0)
+
     h = sub.add_parser("heldout", help="held-out-gene imputation, SSA vs Tangram")
-    h.add_argument("--dataset", default="seqfish_mouse_embryo")
-    h.add_argument("--spot-size", type=float, default=0.2)
-    h.add_argument("--log1p", action="store_true", help="log(1+x) the cells and the spot means (raw counts)")
-    h.add_argument("--fraction", type=float, default=0.5, help="share of the slide's cells used as scRNA")
-    h.add_argument("--heldout-fraction", type=float, default=0.1)
-    h.add_argument("--seed", type=int, default=0)
+    split_options(h)
     h.add_argument("--lam", type=float, default=0.05)
     h.add_argument("--epochs", type=int, default=1000)
     h.add_argument("--methods", nargs="+", default=["ssa", "tangram"])
     h.set_defaults(func=heldout)
 
-    def synth_options(p: argparse.ArgumentParser, cells: int) -> None:
+    w = sub.add_parser("lam-sweep", help="SSA alone on the held-out split at several lam")
+    split_options(w)
+    w.add_argument("--lams", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
+    w.set_defaults(func=lam_sweep)
+
+    def synth_options(p: argparse.ArgumentParser, cells: int, genes: int = 2000, spots: int = 1000) -> None:
         p.add_argument("--cells", type=int, default=cells)
-        p.add_argument("--genes", type=int, default=2000)
-        p.add_argument("--spots", type=int, default=1000)
+        p.add_argument("--genes", type=int, default=genes)
+        p.add_argument("--spots", type=int, default=spots)
         p.add_argument("--density", type=float, default=0.1)
         p.add_argument("--seed", type=int, default=0)
 
@@ -348,7 +372,7 @@ def main() -> None:
     m.set_defaults(func=memory)
 
     s = sub.add_parser("scale", help="composition + impute(100 genes) at 1M cells")
-    synth_options(s, 1_000_000)
+    synth_options(s, 1_000_000, genes=5000, spots=4000)  # the size of `ssa-dask synth --cells 1000000`
     s.add_argument("--n-impute", type=int, default=100)
     s.set_defaults(func=scale)
 
