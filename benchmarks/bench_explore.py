@@ -215,11 +215,11 @@ def ensure_synth_and_result(args: argparse.Namespace, storage: str = "auto") -> 
     if not (data / "spots.zarr").exists():
         info["synth"] = _run_child(["synth-child", "--data", str(data), "--cells", str(args.cells), "--genes",
                                     str(args.genes), "--spots", str(args.spots), "--density", str(args.density),
-                                    "--seed", str(args.seed)], data.with_suffix(".synth.json"))
+                                    "--seed", str(args.seed)], data.parent / f"{data.name}.synth.json")
         print(f"  synth: {info['synth']['seconds']:.1f} s, peak RSS {info['synth']['peak_rss_gib']:.2f} GiB", flush=True)
     if not (data / "result.zarr").exists():
         info["align"] = _run_child(["align-child", "--data", str(data), "--storage", storage],
-                                   data.with_suffix(".align.json"))
+                                   data.parent / f"{data.name}.align.json")
         print(f"  align: {info['align']['seconds']:.1f} s, peak RSS {info['align']['peak_rss_gib']:.2f} GiB", flush=True)
     return data, info
 
