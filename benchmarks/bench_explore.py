@@ -327,11 +327,11 @@ def scale(args: argparse.Namespace) -> None:
     load = loadavg()
     data, prep = ensure_synth_and_result(args, storage="zarr")
     res = _run_child(["impute-child", "--data", str(data), "--n-impute", str(args.n_impute), "--composition"],
-                     WORK_DIR / "explore" / f"scale_{args.cells}.json")
+                     WORK_DIR / "explore" / f"scale_{args.cells}x{args.genes}_s{args.spots}.json")
     rows = [[name, s["seconds"], s["peak_rss_gib"]] for name, s in res.items() if isinstance(s, dict)]
     print_table(f"scale: {args.cells:,} cells", ["step", "seconds", "peak RSS GiB"], rows)
     payload = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "prepare": prep, "steps": res}
-    write_result(f"{EXPLORE}/scale_{args.cells}", payload, load)
+    write_result(f"{EXPLORE}/scale_{args.cells}x{args.genes}_s{args.spots}", payload, load)
 
 
 # ----------------------------------------------------------------------------- CLI
