@@ -14,6 +14,9 @@ Three measurements (issue 11, "What must be shown"), each written to ``results/e
     function for both methods. Tangram's ``project_genes`` returns plan-weighted *sums*
     (``M^T X``); its per-spot *mean* (divided by the spot's mapped cell mass, as SSA's ``impute``)
     is reported too.
+``lam-sweep``
+    SSA alone on the same split at several ``lam``, and a ceiling for any mapping: each spot's
+    mean over the scRNA cells that truly lie in it.
 ``memory``
     Peak resident memory of ``impute`` as the number of imputed genes grows, on a synthetic atlas
     (``ssa_dask.synth``): the data set is aligned once (result in Zarr), then every size runs in a
@@ -28,8 +31,10 @@ Usage::
 
     python benchmarks/bench_explore.py heldout --dataset seqfish_mouse_embryo --spot-size 0.2
     python benchmarks/bench_explore.py heldout --dataset xenium_breast_scider --spot-size 400 --log1p
+    python benchmarks/bench_explore.py lam-sweep --dataset seqfish_mouse_embryo --spot-size 0.2
     python benchmarks/bench_explore.py memory --genes-sizes 10 100 1000
-    python benchmarks/bench_explore.py scale --cells 1000000
+    python benchmarks/bench_explore.py scale --cells 1000000 --genes 2000 --spots 1000
+    python benchmarks/bench_explore.py scale --cells 1000000        # 5,000 genes x 4,000 spots, 16 GB kernel
 """
 
 from __future__ import annotations
@@ -82,8 +87,9 @@ def prepare_split(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
 
     adata = ad.read_h5ad(DATA_DIR / args.dataset / f"{args.dataset}.h5ad")
     adata.var_names = adata.var_names.astype(str)
-    spots, _ = bin_to_spots(adata, spot_size=args.spot_size, log1p=args.log1p)
-    (cells,) = sample_replicates(adata, n_replicates=1, fraction=args.fraction, seed=args.seed, log1p=args.log1p)
+    spots, cell_spot = bin_to_spots(adata, spot_size=args.spot_size, log1p=args.log1p)
+    (cells,) = sample_replicates(adata, n_replicates=1, fraction=args.fraction, seed=args.seed, log1p=args.log1p,
+                                 true_spot=cell_spot)
 
     def expressed(X: Any) -> np.ndarray:
         X = X.tocsc() if sp.issparse(X) else np.asarray(X)
@@ -187,6 +193,21 @@ def heldout(args: argparse.Namespace) -> None:
     write_result(f"{EXPLORE}/heldout_{args.dataset}", payload, load)
 
 
+def true_position_correlation(cells: Any, spots: Any, held: list[str]) -> np.ndarray:
+    """Reference: each spot's mean over the scRNA cells that truly lie in it (spots without one left out)."""
+    import scipy.sparse as sp
+
+    true_spot = cells.obs["true_spot"].to_numpy()
+    counts = np.bincount(true_spot, minlength=spots.n_obs).astype(np.float64)
+    indicator = sp.csr_matrix((np.ones(true_spot.size), (true_spot, np.arange(true_spot.size))),
+                              shape=(spots.n_obs, true_spot.size))
+    X = cells[:, held].X
+    with np.errstate(invalid="ignore", divide="ignore"):
+        imputed = np.asarray(indicator @ (X.toarray() if hasattr(X, "toarray") else X)) / counts[:, None]
+    measured = spots[:, held].X
+    return pearson_columns(imputed, measured.toarray() if hasattr(measured, "toarray") else measured)
+
+
 def lam_sweep(args: argparse.Namespace) -> None:
     """SSA alone on the same split at several ``lam`` (Tangram has no such knob to sweep here)."""
     load = loadavg()
@@ -199,7 +220,11 @@ def lam_sweep(args: argparse.Namespace) -> None:
         out[str(lam)] = res
         rows.append([lam, res["eps"], s["median"], s["q1"], s["q3"], res["seconds"]])
     print_table(f"SSA held-out genes vs lam, {args.dataset}", ["lam", "eps", "median r", "q1", "q3", "seconds"], rows)
-    payload = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "heldout_genes": held, "results": out}
+    reference = summary(true_position_correlation(cells, spots, held))
+    print(f"true positions of the scRNA cells: median r {reference['median']:.3f} "
+          f"(IQR {reference['q1']:.3f}-{reference['q3']:.3f})")
+    payload = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "heldout_genes": held, "results": out,
+               "true_positions": reference}
     write_result(f"{EXPLORE}/heldout_lam_sweep_{args.dataset}", payload, load)
 
 
