@@ -106,7 +106,7 @@ def select_genes(
         log.warning("%d of the top %d variance genes are not in the spots and were dropped (e.g. %s)",
                     len(missing), len(top), missing[:5])
     if constant:
-        log.warning("%d genes are constant in the cells or the spots and were dropped (e.g. %s)",
+        log.warning("%d gene(s) constant in the cells or the spots were dropped (e.g. %s)",
                     len(constant), constant[:5])
     if len(kept) < MIN_GENES:
         raise SSAInputError(
