@@ -142,7 +142,9 @@ def _progress_bar() -> Any:
     from rich.console import Console
     from rich.progress import Progress
 
-    return Progress(transient=True, console=Console(stderr=True))
+    console = Console(stderr=True)
+    # Off a terminal (a SLURM log, a pipe) a transient bar only leaves blank lines: draw nothing.
+    return Progress(transient=True, console=console, disable=not console.is_terminal)
 
 
 def _track_futures(futures: list[Any], label: str) -> None:

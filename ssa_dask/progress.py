@@ -38,8 +38,10 @@ class SinkhornProgress:
     def __init__(self, max_iter: int, *, start_iteration: int = 0, tol: float | None = None, disable: bool = False,
                  console: Console | None = None) -> None:
         self._target = f" (tol {tol:.1e})" if tol is not None else ""
+        console = console or Console(stderr=True)
+        # Off a terminal (a SLURM log, a pipe) a transient bar only leaves blank lines: draw nothing.
         self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                             console=console or Console(stderr=True), transient=True, disable=disable)
+                             console=console, transient=True, disable=disable or not console.is_terminal)
         self._task = self._bar.add_task("Sinkhorn", total=max_iter, completed=start_iteration)
 
     def __enter__(self) -> SinkhornProgress:
