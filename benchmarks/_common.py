@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -122,6 +124,25 @@ class PeakMemory:
     def peak_gib(self) -> float:
         """:attr:`peak_bytes` in GiB."""
         return self.peak_bytes / 2**30
+
+
+def run_child(script: str | Path, argv: Sequence[str], result: Path, log: Path, interval: float = 0.2) -> dict[str, Any]:
+    """Run ``script`` as a fresh child process (``argv`` plus ``--result RESULT``), sampling the peak RSS
+    of its process tree; return the JSON it wrote to ``result`` with ``peak_rss_gib`` and
+    ``process_seconds`` added."""
+    result.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(Path(script).resolve()), *argv, "--result", str(result)]
+    t0 = time.perf_counter()
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT)
+        with PeakMemory(proc.pid, interval=interval) as mem:
+            rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"child failed (rc={rc}); see {log}:\n{log.read_text()[-3000:]}")
+    out = json.loads(result.read_text())
+    out["peak_rss_gib"] = mem.peak_gib
+    out["process_seconds"] = time.perf_counter() - t0
+    return out
 
 
 def io_bytes(proc: psutil.Process | None = None) -> dict[str, int]:

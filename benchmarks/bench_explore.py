@@ -44,15 +44,13 @@ import contextlib
 import io
 import json
 import logging
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from _common import REPO_ROOT, RESULTS_DIR, WORK_DIR, PeakMemory, loadavg, print_table, write_result
+from _common import REPO_ROOT, RESULTS_DIR, WORK_DIR, PeakMemory, loadavg, print_table, run_child, write_result
 
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 EXPLORE = "explore"
@@ -311,22 +309,13 @@ def _impute_child(args: argparse.Namespace) -> None:
 
 
 def _run_child(argv: list[str], result: Path) -> dict[str, Any]:
-    """Run this script as a child under ``nice``-inherited priority; sample its process tree's peak RSS."""
-    result.parent.mkdir(parents=True, exist_ok=True)
-    log = result.with_suffix(".log")
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--result", str(result)]
-    t0 = time.perf_counter()
-    with open(log, "w") as handle:
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT)
-        with PeakMemory(proc.pid, interval=0.1) as mem:
-            rc = proc.wait()
-    if rc != 0:
-        raise RuntimeError(f"child failed (rc={rc}); see {log}:\n{log.read_text()[-3000:]}")
-    out = json.loads(result.read_text())
-    out["process_peak_rss_gib"] = mem.peak_gib
-    out["process_seconds"] = time.perf_counter() - t0
-    if "seconds" in out:
-        out["peak_rss_gib"] = mem.peak_gib
+    """Run this script as a child (see ``_common.run_child``); its log lies beside ``result``.
+
+    ``process_peak_rss_gib`` is the whole child's peak; ``peak_rss_gib`` is kept only for children
+    that time a single step (their JSON has ``seconds``), where the two coincide.
+    """
+    out = run_child(__file__, argv, result, result.with_suffix(".log"), interval=0.1)
+    out["process_peak_rss_gib"] = out["peak_rss_gib"] if "seconds" in out else out.pop("peak_rss_gib")
     return out
 
 

@@ -26,14 +26,13 @@ import argparse
 import json
 import logging
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from _common import WORK_DIR, PeakMemory, io_bytes, loadavg, print_table, write_result
+from _common import WORK_DIR, io_bytes, loadavg, print_table, run_child, write_result
 
 
 # ----------------------------------------------------------------------------- children
@@ -104,19 +103,8 @@ def _align_child(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- parent
 def _run_child(argv: list[str], result: Path, log: Path) -> dict:
-    """Run this script as a child, sample its process tree's peak RSS, return its JSON result."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--result", str(result)]
-    t0 = time.perf_counter()
-    with open(log, "w") as handle:
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT)
-        with PeakMemory(proc.pid, interval=0.2) as mem:
-            rc = proc.wait()
-    if rc != 0:
-        raise RuntimeError(f"child failed (rc={rc}); see {log}:\n{log.read_text()[-3000:]}")
-    out = json.loads(result.read_text())
-    out["peak_rss_gib"] = mem.peak_gib
-    out["process_seconds"] = time.perf_counter() - t0
-    return out
+    """Run this script as a child (see ``_common.run_child``)."""
+    return run_child(__file__, argv, result, log, interval=0.2)
 
 
 def _data_dir(args: argparse.Namespace, n: int) -> Path:
