@@ -44,3 +44,12 @@ def kernel_problem() -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     p = rng.random(257) + 0.1
     q = rng.random(31) + 0.1
     return cost, p / p.sum(), q / q.sum(), 0.05
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    """A 2-worker LocalCluster's client, started once per test module that needs one."""
+    from ssa_dask.cluster import connect
+
+    with connect("local", n_workers=2) as executor:
+        yield executor.client

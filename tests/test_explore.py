@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 import ssa_dask
-from ssa_dask.cluster import connect
 from ssa_dask.errors import SSAInputError
 from ssa_dask.explore import composition, heldout_gene_check, impute, uncertainty
 from ssa_dask.plan import open_plan
 from ssa_dask.reference import pearson_cost, sinkhorn_dense, ssa_dense
 
+from plan_problems import as_anndata, make_problem
+
 N_GENES_USED = 30  # of 40
-
-
-def make_problem(seed: int, n_cells: int = 300, n_spots: int = 25, n_genes: int = 40):
-    """Poisson counts with cell-type structure, spots with coordinates, and cell types."""
-    rng = np.random.default_rng(seed)
-    programmes = rng.gamma(0.6, 3.0, size=(5, n_genes))
-    cell_type = rng.integers(0, 5, size=n_cells)
-    sc = rng.poisson(programmes[cell_type] * rng.gamma(4.0, 0.5, size=(n_cells, 1))).astype(np.float64)
-    spots = rng.poisson(20 * rng.dirichlet(np.full(5, 0.3), size=n_spots) @ programmes).astype(np.float64)
-    return sc, spots, rng.random((n_spots, 2)) * 10, cell_type
-
-
-def as_anndata(sc, spots, coords):
-    genes = pd.DataFrame(index=[f"g{i}" for i in range(sc.shape[1])])
-    cells = ad.AnnData(sp.csr_matrix(sc), obs=pd.DataFrame(index=[f"c{i}" for i in range(len(sc))]), var=genes)
-    spot_obs = pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1]}, index=[f"s{j}" for j in range(len(spots))])
-    return cells, ad.AnnData(spots, obs=spot_obs, var=genes.copy())
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +32,6 @@ def problem(tmp_path_factory):
     T = ssa_dense(sc, spots, n_genes=N_GENES_USED, tol=1e-12).plan
     return {"sc": sc, "coords": coords, "cell_type": cell_type, "cells": cells, "spot_data": spot_data,
             "folder": folder, "result": result, "T": T}
-
-
-@pytest.fixture(scope="module")
-def cluster_client():
-    pytest.importorskip("distributed")
-    with connect("local", n_workers=2) as executor:
-        yield executor.client
 
 
 @pytest.fixture(params=["threads-memory", "cluster-h5ad", "zarr-kernel-result-from-disk"])

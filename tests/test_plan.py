@@ -5,40 +5,18 @@ from __future__ import annotations
 import logging
 import warnings
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
 
 import ssa_dask
-from ssa_dask.cluster import connect
 from ssa_dask.errors import SSAInputError
 from ssa_dask.plan import TransportPlan, open_plan
 from ssa_dask.reference import ssa_dense
 
+from plan_problems import as_anndata, make_problem
+
 N_GENES_USED = 30  # of 40: the plan must recompute the cost over the result's genes only
-
-
-def make_problem(seed: int = 7, n_cells: int = 300, n_spots: int = 25, n_genes: int = 40):
-    """Poisson counts with cell-type structure, spots with coordinates, and cell types."""
-    rng = np.random.default_rng(seed)
-    n_types = 5
-    programmes = rng.gamma(0.6, 3.0, size=(n_types, n_genes))
-    cell_type = rng.integers(0, n_types, size=n_cells)
-    sc = rng.poisson(programmes[cell_type] * rng.gamma(4.0, 0.5, size=(n_cells, 1))).astype(np.float64)
-    mix = rng.dirichlet(np.full(n_types, 0.3), size=n_spots)
-    spots = rng.poisson(20 * mix @ programmes).astype(np.float64)
-    coords = rng.random((n_spots, 2)) * 10
-    return sc, spots, coords, cell_type
-
-
-def as_anndata(sc, spots, coords):
-    genes = pd.Index([f"g{i}" for i in range(sc.shape[1])])
-    cells = ad.AnnData(sp.csr_matrix(sc), obs=pd.DataFrame(index=[f"c{i}" for i in range(len(sc))]),
-                       var=pd.DataFrame(index=genes))
-    spot_obs = pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1]}, index=[f"s{j}" for j in range(len(spots))])
-    return cells, ad.AnnData(spots, obs=spot_obs, var=pd.DataFrame(index=genes))
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +32,6 @@ def problem(tmp_path_factory):
     reference = ssa_dense(sc, spots, n_genes=N_GENES_USED, tol=1e-12)
     return {"sc": sc, "spots": spots, "coords": coords, "cell_type": cell_type, "cells": cells, "spot_data": spot_data,
             "folder": folder, "result": result, "reference": reference}
-
-
-@pytest.fixture(scope="module")
-def cluster_client():
-    pytest.importorskip("distributed")
-    with connect("local", n_workers=2) as executor:
-        yield executor.client
 
 
 def open_for(problem, backend, inputs, cluster_client, **options) -> TransportPlan:
