@@ -41,13 +41,9 @@ def test_demo_runs_and_beats_random(tmp_path):
 
 def test_align_files_with_obs_output(tmp_path, counts_problem):
     sc, spots = counts_problem
-    genes = [f"g{i}" for i in range(sc.shape[1])]
-    ad.AnnData(sc, var=pd.DataFrame(index=genes)).write_h5ad(tmp_path / "sc.h5ad")
-    spot_obs = pd.DataFrame({"x": np.arange(len(spots), dtype=float), "y": np.ones(len(spots))},
-                            index=[f"s{i}" for i in range(len(spots))])
-    ad.AnnData(spots, obs=spot_obs, var=pd.DataFrame(index=genes)).write_h5ad(tmp_path / "spots.h5ad")
+    sc_path, spots_path = _write_counts(tmp_path, counts_problem)
     out, obs_out = tmp_path / "res.zarr", tmp_path / "obs.h5ad"
-    result = runner.invoke(app, ["align", str(tmp_path / "sc.h5ad"), str(tmp_path / "spots.h5ad"), "-o", str(out),
+    result = runner.invoke(app, ["align", str(sc_path), str(spots_path), "-o", str(out),
                                  "--top-k", "3", "--scheduler", "threads", "--obs-out", str(obs_out)])
     assert result.exit_code == 0, result.output
     ds = ssa_dask.read_result(str(out))
