@@ -66,10 +66,9 @@ class Executor:
         results = self._pool.map(lambda args: func(*args, **kwargs), zip(*iterables))
         if not show:
             return list(results)
-        tasks = list(zip(*iterables))
         collected = []
         with _progress_bar() as bar:
-            task = bar.add_task(label, total=len(tasks))
+            task = bar.add_task(label, total=min(map(len, iterables)))
             for result in results:
                 collected.append(result)
                 bar.advance(task)
