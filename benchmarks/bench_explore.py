@@ -49,22 +49,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ssa_dask.explore import column_correlation
 
 from _common import REPO_ROOT, RESULTS_DIR, WORK_DIR, PeakMemory, loadavg, print_table, run_child, write_result
 
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 EXPLORE = "explore"
-
-
-def pearson_columns(imputed: np.ndarray, measured: np.ndarray) -> np.ndarray:
-    """Pearson correlation over rows (spots) of matching columns (genes); rows with a non-finite imputation are left out."""
-    imputed = np.asarray(imputed, np.float64)
-    measured = np.asarray(measured, np.float64)
-    keep = np.isfinite(imputed).all(axis=1)
-    a = imputed[keep] - imputed[keep].mean(axis=0)
-    b = measured[keep] - measured[keep].mean(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (a * b).sum(axis=0) / np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
 
 
 def summary(correlation: np.ndarray) -> dict[str, float]:
@@ -109,7 +99,7 @@ def run_ssa(cells: Any, spots: Any, held: list[str], args: argparse.Namespace) -
         t0 = time.perf_counter()
         check = ssa_dask.heldout_gene_check(cells, spots, held, lam=args.lam)
         seconds = time.perf_counter() - t0
-    correlation = pearson_columns(check["imputed"].values, check["measured"].values)
+    correlation = column_correlation(check["imputed"].values, check["measured"].values)
     own = check["correlation"].values
     return {"seconds": seconds, "peak_rss_gib": mem.peak_gib, "correlation": correlation,
             "max_abs_diff_vs_heldout_gene_check": float(np.nanmax(np.abs(correlation - own))),
@@ -153,7 +143,7 @@ def run_tangram(cells: Any, spots: Any, held: list[str], args: argparse.Namespac
     return {"seconds": seconds, "map_seconds": map_seconds, "peak_rss_gib": mem.peak_gib,
             "n_training_genes": len(sp_t.uns["training_genes"]), "epochs": args.epochs,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "correlation": pearson_columns(projected, measured), "correlation_mean": pearson_columns(mean, measured)}
+            "correlation": column_correlation(projected, measured), "correlation_mean": column_correlation(mean, measured)}
 
 
 def heldout(args: argparse.Namespace) -> None:
@@ -203,7 +193,7 @@ def true_position_correlation(cells: Any, spots: Any, held: list[str]) -> np.nda
     with np.errstate(invalid="ignore", divide="ignore"):
         imputed = np.asarray(indicator @ (X.toarray() if hasattr(X, "toarray") else X)) / counts[:, None]
     measured = spots[:, held].X
-    return pearson_columns(imputed, measured.toarray() if hasattr(measured, "toarray") else measured)
+    return column_correlation(imputed, measured.toarray() if hasattr(measured, "toarray") else measured)
 
 
 def lam_sweep(args: argparse.Namespace) -> None:

@@ -224,7 +224,7 @@ def heldout_gene_check(
             imputed = impute(plan, genes=held, batch_genes=batch_genes)
         (measured,) = executor.compute(spot_matrix.select_genes(held).X)
     measured = measured.toarray() if sp.issparse(measured) else np.asarray(measured, dtype=np.float64)
-    correlation = _column_correlation(imputed.values, measured)
+    correlation = column_correlation(imputed.values, measured)
     spot_gene = {"spot": imputed["spot"].values, "gene": np.asarray(held, dtype=object)}
     ds = xr.Dataset({"correlation": ("gene", correlation), "imputed": (("spot", "gene"), imputed.values),
                      "measured": (("spot", "gene"), measured)}, coords=spot_gene)
@@ -312,8 +312,13 @@ def _cell_uncertainty(T: np.ndarray, coords: np.ndarray | None = None) -> np.nda
     return np.stack(columns, axis=1)
 
 
-def _column_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson correlation of matching columns over the rows where ``a`` is finite."""
+def column_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of matching columns over the rows where ``a`` is finite.
+
+    The score of :func:`heldout_gene_check` (``a`` imputed, ``b`` measured, spots x genes); the
+    benchmarks score peers' imputations with it too.
+    """
+    a = np.asarray(a, np.float64)
     keep = np.isfinite(a).all(axis=1)
     a, b = a[keep], np.asarray(b, np.float64)[keep]
     a = a - a.mean(axis=0)
