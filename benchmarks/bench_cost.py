@@ -6,7 +6,7 @@ The cost ``D = 1 - |rho|`` of ``N`` cells against ``S`` spots over ``G`` genes i
 * **SGEMM**: a dense float32 ``(N x G) @ (G x S)`` with NumPy's BLAS (all cores), whole and in
   the same row blocks as ssa_dask;
 * **ssa_dask**: ``build_kernel(cost_blocks(X, cost), lam=0.05, storage="memory")`` on a sparse
-  (CSR, ~10 % non-zero) synthetic cell matrix from :mod:`ssa_dask.synth`, which is
+  (CSR, ~10 % non-zero) synthetic cell matrix from :mod:`ssa_dask.evaluation.synth`, which is
   exactly what :func:`ssa_dask.align` runs (cost blocks, ``max D`` pass, in-place ``exp``), local
   executor;
   optionally ``storage="zarr"`` too;
@@ -36,7 +36,7 @@ from ssa_dask.cost import PearsonCost, cost_blocks
 from ssa_dask._block_math import block_stats as _block_stats
 from ssa_dask._block_math import to_kernel as _to_kernel
 from ssa_dask.kernel_build import build_kernel
-from ssa_dask.synth import SynthModel, SynthParams, generate_cells, generate_spots
+from ssa_dask.evaluation.synth import SynthModel, SynthParams, generate_cells, generate_spots
 
 
 def make_data(n_cells: int, n_spots: int, n_genes: int, density: float, seed: int):

@@ -4,7 +4,7 @@ Three measurements (issue 11, "What must be shown"), each written to ``results/e
 
 ``heldout``
     Held-out-gene imputation on a shared single-cell-resolution slide, SSA against Tangram on the
-    very same split. The slide is cut into grid spots (``ssa_dask.simulate.bin_to_spots``, as the
+    very same split. The slide is cut into grid spots (``ssa_dask.evaluation.simulate.bin_to_spots``, as the
     paper does), half of its cells (seeded) are the scRNA set (``sample_replicates``), and a seeded
     10 % of the genes (among genes expressed in both the cells and the spots) is removed from the
     spots. SSA (``heldout_gene_check``: align on the remaining genes, ``impute`` the held-out ones)
@@ -19,7 +19,7 @@ Three measurements (issue 11, "What must be shown"), each written to ``results/e
     mean over the scRNA cells that truly lie in it.
 ``memory``
     Peak resident memory of ``impute`` as the number of imputed genes grows, on a synthetic atlas
-    (``ssa_dask.synth``): the data set is aligned once (result in Zarr), then every size runs in a
+    (``ssa_dask.evaluation.synth``): the data set is aligned once (result in Zarr), then every size runs in a
     fresh subprocess that opens the plan and imputes the first ``n`` genes; the child samples its
     own RSS during ``impute`` (``PeakMemory``) and the parent the child's whole-run peak.
 ``scale``
@@ -71,7 +71,7 @@ def prepare_split(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     import anndata as ad
     import scipy.sparse as sp
 
-    from ssa_dask.simulate import bin_to_spots, sample_replicates
+    from ssa_dask.evaluation.simulate import bin_to_spots, sample_replicates
 
     adata = ad.read_h5ad(DATA_DIR / args.dataset / f"{args.dataset}.h5ad")
     adata.var_names = adata.var_names.astype(str)
@@ -238,7 +238,7 @@ def ensure_synth_and_result(args: argparse.Namespace, storage: str = "auto") -> 
 
 
 def _synth_child(args: argparse.Namespace) -> None:
-    from ssa_dask.synth import SynthParams, write_synth
+    from ssa_dask.evaluation.synth import SynthParams, write_synth
 
     params = SynthParams(n_cells=args.cells, n_genes=args.genes, n_spots=args.spots, density=args.density,
                          seed=args.seed)

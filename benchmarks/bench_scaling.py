@@ -1,4 +1,4 @@
-"""End-to-end scaling of ``ssa_dask.align`` on synthetic AnnData-on-Zarr data (ssa_dask.synth).
+"""End-to-end scaling of ``ssa_dask.align`` on synthetic AnnData-on-Zarr data (ssa_dask.evaluation.synth).
 
 For each size ``N`` (cells) the synthetic data set ``N x G`` cells and ``S x G`` spots is written
 once under ``benchmarks/_work/`` (skipped when already there), then ``align`` runs in a **fresh
@@ -37,7 +37,7 @@ from _common import WORK_DIR, io_bytes, loadavg, print_table, run_child, write_r
 
 # ----------------------------------------------------------------------------- children
 def _synth_child(args: argparse.Namespace) -> None:
-    from ssa_dask.synth import SynthParams, write_synth
+    from ssa_dask.evaluation.synth import SynthParams, write_synth
 
     params = SynthParams(n_cells=args.cells, n_genes=args.genes, n_spots=args.spots, density=args.density, seed=args.seed)
     t0 = time.perf_counter()
@@ -186,7 +186,7 @@ def main() -> None:
             _, info = ensure_data(args, n)
             size = sum(f.stat().st_size for f in data.rglob("*") if f.is_file())
             synth_runs.append({"cells": n, **info, "bytes_on_disk": size})
-        print_table("ssa_dask.synth.write_synth", ["cells", "seconds", "peak RSS GiB", "GB on disk", "chunk rows"],
+        print_table("ssa_dask.evaluation.synth.write_synth", ["cells", "seconds", "peak RSS GiB", "GB on disk", "chunk rows"],
                     [[f"{r['cells']:,}", r["seconds"], r["peak_rss_gib"], r["bytes_on_disk"] / 1e9, args.chunk_rows]
                      for r in synth_runs])
         write_result(args.name, {"args": vars(args), "synth": synth_runs}, load_before)

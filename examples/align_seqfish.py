@@ -16,7 +16,7 @@ import anndata as ad
 import numpy as np
 
 import ssa_dask
-from ssa_dask.simulate import bin_to_spots
+from ssa_dask.evaluation.simulate import bin_to_spots
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "seqfish_mouse_embryo" / "seqfish_mouse_embryo.h5ad"
 

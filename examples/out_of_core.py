@@ -15,7 +15,7 @@ from pathlib import Path
 import anndata as ad
 
 import ssa_dask
-from ssa_dask.simulate import bin_to_spots
+from ssa_dask.evaluation.simulate import bin_to_spots
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xenium_breast_scider" / "xenium_breast_scider.h5ad"
 

@@ -1,11 +1,26 @@
 """ssa_dask: SSA single-cell to spatial alignment, out of core on Dask.
 
-The pipeline, one module a step::
+The method's flow, one module a step::
 
-    io.read_expression -> standardize.summarize -> genes.select_genes -> cost.PearsonCost
-    -> kernel.build_kernel -> sinkhorn.sinkhorn -> assign.assignment_dataset
+    io -> genes -> standardize -> cost -> kernel -> sinkhorn -> assign -> align
 
-:func:`align` runs it end to end.
+- ``io``: :func:`read_expression` reads both matrices lazily (AnnData, h5ad, Zarr, arrays);
+- ``genes``: :func:`select_genes` keeps the top-variance cell genes shared with the spots (the
+  variances come from ``standardize.summarize``, one pass over each matrix);
+- ``standardize``: per-gene mean and standard deviation, row totals (the Sinkhorn masses), z-scoring;
+- ``cost``: :class:`PearsonCost`, ``D = 1 - |rho|`` block by block;
+- ``kernel``: ``K = exp(-D / eps)``, ``eps = lam * max D`` (``kernel_build``), its row blocks in
+  memory or on disk (``kernel_storage``, ``kernel_store``), the per-block maths (``_block_math``,
+  ``_kernels``);
+- ``sinkhorn``: :func:`sinkhorn` with checkpoints (``progress`` draws its bar);
+- ``assign``: each cell to its largest plan entry, as an xarray Dataset;
+- ``align``: :func:`align` runs it end to end.
+
+After an alignment: ``plan`` (the whole plan, lazily), ``explore``, ``summary``, ``tl`` and ``pl``
+(scanpy-style). Beside the flow: ``cluster`` (Dask clusters: local, SLURM, Kubernetes), ``cli``
+(``ssa-dask``), ``errors``, ``paths`` and ``validate`` (checks before work starts), ``reference``
+(a dense NumPy version of the whole method), and ``evaluation`` (simulated data, peer methods,
+metrics and the paper's benchmark; the method never imports it).
 """
 
 from ssa_dask.align import align

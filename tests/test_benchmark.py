@@ -8,15 +8,15 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from ssa_dask import peers
-from ssa_dask.benchmark import (
+from ssa_dask.evaluation import (
     BenchmarkConfig,
-    markdown_table,
+    peers,
     run_benchmark,
     score_mapping,
+    synthetic_tissue,
     write_outputs,
 )
-from ssa_dask.simulate import synthetic_tissue
+from ssa_dask.evaluation.tables import markdown_table
 
 
 def _spots() -> ad.AnnData:

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from ssa_dask.errors import SSAInputError
-from ssa_dask.metrics import (
+from ssa_dask.evaluation.metrics import (
     kde_kl_divergence,
     mean_euclidean,
     mean_manhattan,

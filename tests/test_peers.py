@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 
 from ssa_dask.errors import SSAInputError
-from ssa_dask.metrics import mean_euclidean
-from ssa_dask.peers import (
+from ssa_dask.evaluation.metrics import mean_euclidean
+from ssa_dask.evaluation.peers import (
     METHODS,
     MappingResult,
     PeerUnavailableError,
@@ -30,7 +30,7 @@ from ssa_dask.peers import (
     run_method,
     spaotsc,
 )
-from ssa_dask.simulate import bin_to_spots, sample_replicates
+from ssa_dask.evaluation.simulate import bin_to_spots, sample_replicates
 
 OPTIONAL = {"tangram", "seurat", "novosparc", "moscot"}
 # small-problem settings that keep the file fast; the methods' defaults are documented in their modules
@@ -111,7 +111,7 @@ def test_random_floor_is_seeded_and_uniform(seqfish_problem):
 def test_available_methods_imports_no_heavy_dependency():
     code = (
         "import sys\n"
-        "from ssa_dask.peers import available_methods\n"
+        "from ssa_dask.evaluation.peers import available_methods\n"
         "found = available_methods()\n"
         "heavy = [m for m in ('torch', 'tangram', 'moscot', 'jax', 'novosparc', 'scanpy') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
@@ -135,7 +135,7 @@ def _tiny() -> tuple[ad.AnnData, ad.AnnData]:
 
 
 def test_unavailable_dependency_raises_peer_unavailable(monkeypatch):
-    from ssa_dask.peers import tangram as tangram_peer
+    from ssa_dask.evaluation.peers import tangram as tangram_peer
 
     monkeypatch.setattr(tangram_peer, "unavailable", lambda: "torch not installed (pip install torch)")
     with pytest.raises(PeerUnavailableError, match="pip install torch"):

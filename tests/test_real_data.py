@@ -6,7 +6,7 @@ import anndata as ad
 import numpy as np
 
 import ssa_dask
-from ssa_dask.simulate import bin_to_spots
+from ssa_dask.evaluation.simulate import bin_to_spots
 
 
 def test_seqfish_ssa_is_far_better_than_random(shared_dataset):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import ssa_dask
-from ssa_dask.synth import SynthParams, write_synth
+from ssa_dask.evaluation.synth import SynthParams, write_synth
 
 PARAMS = SynthParams(n_cells=100_000, n_genes=2000, n_spots=1000, density=0.1, seed=0)
 

@@ -12,7 +12,7 @@ import pytest
 import scipy.sparse as sp
 
 from ssa_dask.errors import OutputExistsError, SSAInputError
-from ssa_dask.simulate import (
+from ssa_dask.evaluation.simulate import (
     bin_to_spots,
     sample_replicates,
     synthetic_tissue,

@@ -1,4 +1,4 @@
-"""Tests of the atlas-scale synthetic data generator (ssa_dask.synth) and ``ssa-dask synth``."""
+"""Tests of the atlas-scale synthetic data generator (ssa_dask.evaluation.synth) and ``ssa-dask synth``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import ssa_dask.cli.scale  # noqa: F401  (registers the command)
 from ssa_dask.cli._app import app
 from ssa_dask.errors import OutputExistsError, SSAInputError
-from ssa_dask.synth import (
+from ssa_dask.evaluation.synth import (
     CELL_BLOCK,
     SynthModel,
     SynthParams,

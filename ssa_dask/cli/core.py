@@ -303,7 +303,7 @@ def demo_command(
     """Simulate a tissue, bin it into spots as the SSA paper does, align, and score against the truth."""
     import ssa_dask
     from ssa_dask.assign import write_result
-    from ssa_dask.simulate import bin_to_spots, synthetic_tissue
+    from ssa_dask.evaluation.simulate import bin_to_spots, synthetic_tissue
 
     setup_logging(False)
     refuse_existing(out, overwrite)

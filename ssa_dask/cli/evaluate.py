@@ -59,7 +59,7 @@ def simulate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
 ) -> None:
     """Cut a slide into grid spots (mean expression, centroid) and draw replicate scRNA-seq sets with their true spots."""
-    from ssa_dask.simulate import (
+    from ssa_dask.evaluation.simulate import (
         bin_to_spots,
         sample_replicates,
         truth_table,
@@ -115,7 +115,7 @@ def benchmark(
     A method that is unavailable (missing optional dependency) or fails is reported in the tables
     with its reason; the run goes on.
     """
-    from ssa_dask.benchmark import (
+    from ssa_dask.evaluation import (
         BenchmarkConfig,
         config_dict,
         run_benchmark,

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from ssa_dask.cli._app import app, fail
 from ssa_dask.errors import SSAError
-from ssa_dask.synth import SynthParams, write_synth
+from ssa_dask.evaluation.synth import SynthParams, write_synth
 
 
 @app.command("synth")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ssa_dask.peers.base import PeerProblem, assignment_from_plan
+from ssa_dask.evaluation.peers.base import PeerProblem, assignment_from_plan
 
 NAME = "distmap"
 DENSE_INPUT = True

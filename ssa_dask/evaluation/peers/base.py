@@ -28,7 +28,7 @@ import scipy.sparse as sp
 
 from ssa_dask.errors import SSAError, SSAInputError
 from ssa_dask.genes import select_genes
-from ssa_dask.simulate import cell_coordinates
+from ssa_dask.evaluation.simulate import cell_coordinates
 
 __all__ = [
     "MappingResult",
@@ -79,7 +79,7 @@ class MappingResult:
     Attributes
     ----------
     method
-        Name under which the method was run (see :func:`ssa_dask.peers.available_methods`).
+        Name under which the method was run (see :func:`ssa_dask.evaluation.peers.available_methods`).
     spot
         ``(n_cells,)`` int64 row index into the spots AnnData; ``-1`` means the cell was not mapped.
     seconds

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ssa_dask.peers.base import PeerProblem, assignment_from_plan, not_installed
+from ssa_dask.evaluation.peers.base import PeerProblem, assignment_from_plan, not_installed
 
 NAME = "tangram"
 DENSE_INPUT = True

@@ -21,7 +21,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ssa_dask.peers.base import (
+from ssa_dask.evaluation.peers.base import (
     PeerProblem,
     assignment_from_plan,
     check_dense_memory,

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ssa_dask.peers.base import (
+from ssa_dask.evaluation.peers.base import (
     PeerProblem,
     assignment_from_plan,
     check_dense_memory,

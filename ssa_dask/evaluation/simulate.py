@@ -8,7 +8,7 @@ gives a benchmark with a known answer:
    The square of every cell is its *true spot*.
 2. :func:`sample_replicates` draws ``R`` seeded sub-samples of the cells as "scRNA-seq" sets
    (coordinates hidden from the mapping method but kept in ``obs`` for scoring).
-3. A mapping method places the replicate's cells on the spots and :mod:`ssa_dask.metrics`
+3. A mapping method places the replicate's cells on the spots and :mod:`ssa_dask.evaluation.metrics`
    compares predicted with true spots.
 
 :func:`synthetic_tissue` makes a small realistic slide for demos and tests, and

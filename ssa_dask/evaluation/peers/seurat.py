@@ -28,7 +28,7 @@ import numpy as np
 import scipy.io
 import scipy.sparse as sp
 
-from ssa_dask.peers.base import PeerProblem, assignment_from_plan
+from ssa_dask.evaluation.peers.base import PeerProblem, assignment_from_plan
 
 NAME = "seurat"
 DENSE_INPUT = True
@@ -37,7 +37,7 @@ _INSTALL = "apt-get install -y --no-install-recommends r-base-core r-cran-seurat
 
 
 def _script() -> Path:
-    return Path(str(resources.files("ssa_dask.peers").joinpath("seurat_transfer.R")))
+    return Path(str(resources.files("ssa_dask.evaluation.peers").joinpath("seurat_transfer.R")))
 
 
 @functools.lru_cache(maxsize=1)

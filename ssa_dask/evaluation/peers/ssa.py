@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ssa_dask.peers.base import PeerProblem
+from ssa_dask.evaluation.peers.base import PeerProblem
 
 NAME = "ssa"
 DENSE_INPUT = False
@@ -29,7 +29,7 @@ def load() -> None:
 def map_cells(problem: PeerProblem, *, seed: int = 0, top_k: int = 1, **options: Any) -> dict[str, Any]:
     """Run :func:`ssa_dask.align` on the caller's AnnData objects.
 
-    SSA applies the same gene rule as :func:`~ssa_dask.peers.base.shared_genes` itself, so it
+    SSA applies the same gene rule as :func:`~ssa_dask.evaluation.peers.base.shared_genes` itself, so it
     receives the AnnData objects and ``n_genes`` unchanged. SSA is deterministic (``seed`` unused).
 
     Parameters

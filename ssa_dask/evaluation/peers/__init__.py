@@ -1,11 +1,11 @@
 """Peer methods run side by side with SSA behind one interface.
 
->>> from ssa_dask.peers import run_method, available_methods
+>>> from ssa_dask.evaluation.peers import run_method, available_methods
 >>> available_methods()                      # name -> None if it can run, else why not
 >>> res = run_method("distmap", sc_adata, spots_adata, seed=0)
 >>> res.spot, res.seconds, res.peak_memory_bytes
 
-Every method gets the same :class:`~ssa_dask.peers.base.PeerProblem` (SSA's gene rule: top-5000
+Every method gets the same :class:`~ssa_dask.evaluation.peers.base.PeerProblem` (SSA's gene rule: top-5000
 variance genes of the cells intersected with the spot genes) and returns a
 :class:`MappingResult` with one spot row index per cell.
 
@@ -30,7 +30,7 @@ dense shared-gene matrices), ``unavailable() -> str | None``, ``load()`` (import
 dependencies; run before the clock starts, so import time is not counted) and
 ``map_cells(problem, *, seed, top_k, **options) -> dict`` (``spot`` and optionally
 ``probability``, ``top_spots``, ``info``), timed and memory-sampled by
-:func:`~ssa_dask.peers.base.measure`.
+:func:`~ssa_dask.evaluation.peers.base.measure`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import anndata as ad
 import numpy as np
 
 from ssa_dask.errors import SSAInputError
-from ssa_dask.peers.base import MappingResult, PeerProblem, PeerUnavailableError, measure, prepare_problem
+from ssa_dask.evaluation.peers.base import MappingResult, PeerProblem, PeerUnavailableError, measure, prepare_problem
 
 __all__ = [
     "METHODS",
@@ -55,7 +55,7 @@ __all__ = [
     "run_method",
 ]
 
-#: Method name -> module in :mod:`ssa_dask.peers` implementing it.
+#: Method name -> module in :mod:`ssa_dask.evaluation.peers` implementing it.
 METHODS: dict[str, str] = {
     "ssa": "ssa",
     "random": "random_floor",

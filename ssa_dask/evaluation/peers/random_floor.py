@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ssa_dask.peers.base import PeerProblem
+from ssa_dask.evaluation.peers.base import PeerProblem
 
 NAME = "random"
 DENSE_INPUT = False

@@ -1,4 +1,4 @@
-# Seurat v3+ label transfer with the spot identity as the label (run by ssa_dask.peers.seurat).
+# Seurat v3+ label transfer with the spot identity as the label (run by ssa_dask.evaluation.peers.seurat).
 #
 # Usage: Rscript --vanilla seurat_transfer.R DIR [npcs=30] [k_anchor=5] [k_filter=200]
 #                                                [k_score=30] [k_weight=50]
