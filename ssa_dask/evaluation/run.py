@@ -115,7 +115,7 @@ def config_dict(cfg: BenchmarkConfig) -> dict:
 
 @dataclass
 class BenchmarkResult:
-    """Everything :func:`write_outputs` needs.
+    """Everything :func:`~ssa_dask.evaluation.report.write_outputs` needs.
 
     Attributes
     ----------
