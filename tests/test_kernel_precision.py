@@ -204,3 +204,25 @@ def test_auto_picks_float16_only_when_float32_does_not_fit_but_float16_does(coun
     assert tight.attrs["kernel_dtype"] == "float16" and tight.attrs["kernel_storage"] == "memory"
     roomy = ssa_dask.align(sc, spots, n_genes=40, memory_budget=int(20 * n_entries))
     assert roomy.attrs["kernel_dtype"] == "float32"
+
+
+def test_cli_kernel_dtype_is_recorded_and_refused_in_the_log_domain(tmp_path, counts_problem):
+    import anndata as ad
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from ssa_dask.cli import app
+
+    sc, spots = counts_problem
+    genes = pd.DataFrame(index=[f"g{i}" for i in range(sc.shape[1])])
+    paths = [str(tmp_path / "sc.h5ad"), str(tmp_path / "spots.h5ad")]
+    for matrix, path in zip((sc, spots), paths):
+        ad.AnnData(matrix.astype(np.float32), var=genes).write_h5ad(path)
+    out = tmp_path / "out.zarr"
+    refused = CliRunner().invoke(app, ["align", *paths, "-o", str(out), "--kernel-dtype", "float16", "--log-domain", "log"],
+                                 env={"COLUMNS": "250"})
+    assert refused.exit_code == 2 and "log domain" in refused.output and not out.exists()
+    done = CliRunner().invoke(app, ["align", *paths, "-o", str(out), "--kernel-dtype", "bfloat16", "--n-genes", "40",
+                                    "--scheduler", "threads"], env={"COLUMNS": "250"})
+    assert done.exit_code == 0, done.output
+    assert ssa_dask.read_result(str(out)).attrs["kernel_dtype"] == "bfloat16"
