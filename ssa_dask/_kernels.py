@@ -26,10 +26,8 @@ from numba.extending import intrinsic, overload
 
 #: Rows whose contributions are summed in float32 before they join the float64 accumulator.
 _FLUSH_ROWS = 64
-#: ``(127 - 15) << 23``: moves a float16 exponent, shifted into float32's place, to float32's bias.
-_F16_REBIAS = np.uint32(0x38000000)
-#: The spacing of float16 subnormals, ``2^-24``.
-_F16_SUBNORMAL_UNIT = np.float32(2.0**-24)
+#: ``2^(127 - 15)``: moves a float16 exponent, shifted into float32's place, to float32's bias.
+_F16_REBIAS = np.float32(2.0**112)
 
 
 @intrinsic
@@ -46,14 +44,13 @@ def _as_float32(typingctx: Any, word: Any) -> Any:
 def _float16_magnitude(h: np.uint16) -> np.float32:
     """``|x|`` of a finite float16 ``x`` given by its bits, as float32, exactly.
 
-    Exponent and mantissa are shifted into float32's place and the exponent re-biased; values
-    below float16's normal range (exponent field 0) are ``mantissa * 2^-24`` instead, a normal
-    float32, so no arithmetic on subnormal numbers is needed (slow on many CPUs).
+    Exponent and mantissa are shifted into float32's place, which is ``|x| 2^-112``, and multiplied
+    by ``2^112`` (exact, for float16 subnormals too).  Only float16 subnormals make a float32
+    subnormal operand, slow on some CPUs; stored rows peak at ``2^15`` so that only entries
+    below ``2^-29`` of their row's maximum are float16 subnormals
+    (:data:`ssa_dask.kernel_precision.ROW_MAX`).
     """
-    magnitude = np.uint32(h) & np.uint32(0x7FFF)
-    if magnitude < np.uint32(0x400):
-        return np.float32(magnitude) * _F16_SUBNORMAL_UNIT
-    return _as_float32((magnitude << np.uint32(13)) + _F16_REBIAS)
+    return _as_float32((np.uint32(h) & np.uint32(0x7FFF)) << np.uint32(13)) * _F16_REBIAS
 
 
 @numba.njit(inline="always")

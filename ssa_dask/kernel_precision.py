@@ -1,15 +1,19 @@
 """Reduced-precision kernel rows: float16 or bfloat16 bits with a per-row scale.
 
-A kernel row block of reduced precision holds ``K~_ij = K_ij / max_l K_il`` (every row's largest
-entry is 1, so no row underflows) as the 16-bit patterns of IEEE float16 or bfloat16, and each
-row's ``log max_l K_il`` in float64.  The scale cancels in the plan's column marginal
+A kernel row block of reduced precision holds ``K~_ij = ROW_MAX * K_ij / max_l K_il`` (every
+row's largest entry is ``ROW_MAX``, so no row underflows) as the 16-bit patterns of IEEE float16
+or bfloat16, and each row's log scale ``log(max_l K_il / ROW_MAX)`` in float64, so that
+``K_ij = K~_ij exp(log_scale_i)``.  The scale cancels in the plan's column marginal
 (``a_i K_ij = p_i K~_ij / sum_l K~_il b_l``) and enters only the row potential ``f``.  The Numba
-sweeps decode the bits in cache (:mod:`ssa_dask._kernels`); accumulation stays float32/float64.
+sweeps decode the bits in registers (:mod:`ssa_dask._kernels`); accumulation stays float32/float64.
 
-Rounding error of one stored entry, relative to its row's largest entry (unit roundoff ``u``):
-bfloat16 ``|K~' - K~| <= 2^-8 K~`` (float32's exponent range: no underflow for ``lam >= 0.02``);
-float16 ``|K~' - K~| <= 2^-11 K~ + 2^-25`` (entries below float16's normal range, ``2^-14``, keep
-an absolute error of half its subnormal spacing ``2^-24``, and entries below ``2^-25`` are 0).
+float16 rows peak at ``2^15`` (float16's largest power of two below its maximum 65504), so its
+normal range reaches ``2^-29`` of the row maximum (``exp(-20)``, the smallest entry at
+``lam = 0.05``) instead of ``2^-14``; bfloat16 has float32's exponent range and rows peak at 1.
+
+Rounding error of one stored entry, relative to its row's largest entry ``k = K / max_l K_il``
+(unit roundoff ``u``): bfloat16 ``<= 2^-8 k``; float16 ``<= 2^-11 k + 2^-40`` (below the normal
+range, half the subnormal spacing ``2^-24`` of the scaled value; entries below ``2^-40`` are 0).
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ HALF_DTYPES = ("float16", "bfloat16")
 ENTRY_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 #: Unit roundoff ``u`` of each format (relative rounding error of a normal value, at most).
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
-#: Largest absolute rounding error of a float16 value below the normal range (half the subnormal spacing).
-FLOAT16_SUBNORMAL_FLOOR = 2.0**-25
+#: Largest entry of every stored row (its scale moves the rest into the format's normal range).
+ROW_MAX = {"float16": 2.0**15, "bfloat16": 1.0}
+#: Largest absolute rounding error of a float16 entry below the normal range, relative to its row's maximum.
+FLOAT16_SUBNORMAL_FLOOR = 2.0**-25 / ROW_MAX["float16"]
 
 
 @dataclass(frozen=True)
@@ -40,9 +46,9 @@ class HalfRows:
     Attributes
     ----------
     bits : (n, S) uint16 array
-        Bit patterns of ``K~_ij = K_ij / max_l K_il``.
+        Bit patterns of ``K~_ij = ROW_MAX K_ij / max_l K_il``.
     log_scale : (n,) float64 array
-        ``log max_l K_il`` of every row.
+        ``log(max_l K_il / ROW_MAX)`` of every row: ``K_ij = K~_ij exp(log_scale_i)``.
     dtype : {"float16", "bfloat16"}
         Format of ``bits``.
     """
@@ -62,7 +68,7 @@ class HalfRows:
         return self.dtype == "bfloat16"
 
     def scaled_rows(self) -> np.ndarray:
-        """``K~`` decoded to float32 (the rows without their scale)."""
+        """``K~`` decoded to float32 (the rows without their scales)."""
         return _kernels.decode_half(self.bits, self.bfloat16)
 
 
@@ -100,25 +106,28 @@ def encode_bits(values: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def half_rows_from_kernel(K: np.ndarray, dtype: str) -> HalfRows:
-    """Scale each row of a float32 kernel block to a maximum of 1 and store it in ``dtype``.
+    """Scale each row of a float32 kernel block to a maximum of ``ROW_MAX`` and store it in ``dtype``.
 
-    A row whose entries are all 0 keeps scale 1 (``log_scale`` 0).
+    A row whose entries are all 0 keeps its zeros.
     """
     K = np.asarray(K, dtype=np.float32)
     row_max = K.max(axis=1) if K.shape[1] else np.ones(K.shape[0], np.float32)
-    row_max = np.where(row_max > 0, row_max, np.float32(1.0))
-    return HalfRows(encode_bits(K / row_max[:, None], dtype), np.log(row_max.astype(np.float64)), dtype)
+    row_max = np.where(row_max > 0, row_max, np.float32(1.0)).astype(np.float64)
+    scaled = (K * (ROW_MAX[dtype] / row_max)[:, None]).astype(np.float32)
+    return HalfRows(encode_bits(scaled, dtype), np.log(row_max / ROW_MAX[dtype]), dtype)
 
 
 def half_rows_from_cost(cost: np.ndarray, eps: float, dtype: str) -> HalfRows:
     """The kernel block ``exp(-D/eps)`` of a cost block, stored in ``dtype`` with its per-row scale.
 
-    ``K~_ij = exp(-(D_ij - min_l D_il)/eps)`` is computed directly (its maximum is exactly 1) and
-    ``log_scale_i = -min_l D_il / eps``, so no row underflows however large its costs.
+    ``K~_ij = ROW_MAX exp(-(D_ij - min_l D_il)/eps)`` is computed directly (its maximum is exactly
+    ``ROW_MAX``) and ``log_scale_i = -min_l D_il / eps - log ROW_MAX``, so no row underflows however
+    large its costs.
     """
     cost = np.asarray(cost, dtype=np.float32)
     row_min = cost.min(axis=1)
     scaled = np.subtract(cost, row_min[:, None])
     np.multiply(scaled, np.float32(-1.0 / eps), out=scaled)
     np.exp(scaled, out=scaled)
-    return HalfRows(encode_bits(scaled, dtype), -row_min.astype(np.float64) / eps, dtype)
+    scaled *= np.float32(ROW_MAX[dtype])  # a power of two: exact
+    return HalfRows(encode_bits(scaled, dtype), -row_min.astype(np.float64) / eps - np.log(ROW_MAX[dtype]), dtype)

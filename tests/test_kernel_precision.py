@@ -1,9 +1,9 @@
 """float16 / bfloat16 kernel storage: exact decoding, the format's error bound on every kernel
 operation in every storage, the same assignments as float32, refusal in the log domain, the auto choice.
 
-Bounds are derived from the format.  An entry ``K~ = K / max_l K_il`` (row maximum 1) is stored
-with error ``E <= u K~ (+ 2^-25 for float16: its subnormal floor)``, ``u = 2^-11`` (float16) or
-``2^-8`` (bfloat16).  A row sum ``R_i = sum_j K~_ij b_j`` then errs by at most
+Bounds are derived from the format.  An entry ``K~ = K / max_l K_il`` (relative to its row's
+maximum) is stored with error ``E <= u K~ (+ 2^-40 for float16: its subnormal floor, rows being
+stored with a maximum of 2^15)``, ``u = 2^-11`` (float16) or ``2^-8`` (bfloat16).  A row sum ``R_i = sum_j K~_ij b_j`` then errs by at most
 ``delta_i R_i`` with ``delta_i = sum_j E_ij b_j / R_i``, so the plan entry
 ``p_i K~_ij b_j / R_i`` errs by at most ``p_i b_j (E_ij + K~_ij delta_i) / (R_i (1 - delta_i))``,
 the row potential ``f_i = eps log(p_i / ...)`` by ``-eps log(1 - delta_i)``, and ``K v`` (v >= 0)
@@ -25,9 +25,11 @@ from ssa_dask.kernel_build import build_kernel, kernel_from_array
 from ssa_dask.kernel_precision import (
     FLOAT16_SUBNORMAL_FLOOR,
     UNIT_ROUNDOFF,
+    ROW_MAX,
     HalfRows,
     choose_kernel_dtype,
     encode_bits,
+    half_rows_from_kernel,
 )
 from ssa_dask.kernel_store import KERNEL_ARRAY, SCALE_ARRAY, KernelStore, KernelStoreError
 from ssa_dask.simulate import bin_to_spots, synthetic_tissue
@@ -57,19 +59,24 @@ def test_decode_is_exact_for_every_16_bit_pattern():
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_encoding_rounds_within_the_format_bound(dtype):
+def test_row_scaled_encoding_rounds_within_the_format_bound(dtype):
     rng = np.random.default_rng(0)
-    values = np.exp(-rng.uniform(0, 25, size=(64, 512))).astype(np.float32)  # [1.4e-11, 1], the kernel's range
-    decoded = decode_half(encode_bits(values, dtype), dtype == "bfloat16").astype(np.float64)
-    error = np.abs(decoded - values)
-    assert np.all(error <= entry_error(values.astype(np.float64), dtype))
-    normal = values > 2.0**-14
-    assert (error[normal] / values[normal]).max() > 0.5 * UNIT_ROUNDOFF[dtype]  # the bound is nearly reached
-    # negative control: truncating instead of rounding breaks the bound
-    word = values.view(np.uint32)
+    K = np.exp(-rng.uniform(0, 30, size=(64, 512))).astype(np.float32) * np.float32(1e-3)  # 1e-16 .. 1e-3
+    rows = half_rows_from_kernel(K, dtype)
+    decoded = rows.scaled_rows().astype(np.float64) * np.exp(rows.log_scale)[:, None]
+    row_max = K.max(axis=1, keepdims=True).astype(np.float64)
+    error = np.abs(decoded - K) / row_max
+    bound = entry_error(K / row_max, dtype) + 2.0**-24 * K / row_max  # + float32 rounding of the scaling
+    assert np.all(error <= bound)
+    assert (error / (K / row_max)).max() > 0.5 * UNIT_ROUNDOFF[dtype]  # the bound is nearly reached
+    # negative controls: truncating instead of rounding, or float16 without the row scale, break the bound
+    word = (K / row_max).astype(np.float32).view(np.uint32)
     shift = np.uint32(16 if dtype == "bfloat16" else 13)
     truncated = ((word >> shift) << shift).view(np.float32).astype(np.float64)
-    assert np.any(np.abs(truncated[normal] - values[normal]) > entry_error(values[normal].astype(np.float64), dtype))
+    assert np.any(np.abs(truncated - K / row_max) > bound)
+    if dtype == "float16":
+        unscaled = decode_half(encode_bits(K / row_max, dtype), False).astype(np.float64)
+        assert np.any(np.abs(unscaled - K / row_max) > bound)
 
 
 def _kernel(storage: str, dtype: str, cost: np.ndarray, eps: float, block_rows: int, tmp_path):
@@ -137,7 +144,7 @@ def test_sixteen_bit_kernel_store_layout_and_damage(tmp_path, kernel_problem):
     assert not (store.root / "cost.zarr").exists()  # no float32 copy of the cost
     loaded = kernel.blocks[0].load()
     assert isinstance(loaded, HalfRows) and loaded.bits.dtype == np.uint16
-    np.testing.assert_allclose(loaded.log_scale, -cost[:50].min(axis=1) / eps, rtol=1e-6)
+    np.testing.assert_allclose(loaded.log_scale, -cost[:50].min(axis=1) / eps - np.log(ROW_MAX["float16"]), rtol=1e-6)
     with pytest.raises(KernelStoreError, match="expected uncompressed little-endian float32"):
         KernelStore(store.root, store.shape, store.bounds, "float32").check_layout(KERNEL_ARRAY)
     kernel.blocks[1].log_scale.file.write_bytes(b"\0" * 8)  # a truncated scale chunk
