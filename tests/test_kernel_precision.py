@@ -233,3 +233,20 @@ def test_cli_kernel_dtype_is_recorded_and_refused_in_the_log_domain(tmp_path, co
                                     "--scheduler", "threads"], env={"COLUMNS": "250"})
     assert done.exit_code == 0, done.output
     assert ssa_dask.read_result(str(out)).attrs["kernel_dtype"] == "bfloat16"
+
+
+def test_16_bit_blocks_held_by_cluster_workers_give_the_local_results(kernel_problem, cluster_client):
+    cost, p, q, eps = kernel_problem
+    local, cluster = Executor(), Executor(cluster_client)
+    g = np.random.default_rng(4).normal(size=cost.shape[1]) * eps
+    for dtype in ("float16", "bfloat16"):
+        here = build_kernel(da.from_array(cost.astype(np.float32), chunks=(50, -1)), local, eps=eps, kernel_dtype=dtype)
+        there = build_kernel(da.from_array(cost.astype(np.float32), chunks=(50, -1)), cluster, eps=eps, kernel_dtype=dtype)
+        given = kernel_from_array(np.exp(-cost / eps), eps=eps, block_rows=50, kernel_dtype=dtype, executor=cluster)
+        assert there.storage.dtype == given.storage.dtype == dtype
+        expected = here.column_marginal(p, g, local)
+        np.testing.assert_allclose(there.column_marginal(p, g, cluster), expected, rtol=1e-12)
+        np.testing.assert_allclose(given.column_marginal(p, g, cluster), expected, rtol=4 * UNIT_ROUNDOFF[dtype])
+        np.testing.assert_array_equal(there.top_k(p, g, 2, cluster)[0], here.top_k(p, g, 2, local)[0])
+        for kernel in (here, there, given):
+            kernel.close()
