@@ -61,11 +61,11 @@ def _store_half_block(block: np.ndarray, targets: list[StoredHalfBlock], eps: fl
 
 
 def _cost_stats(cost: da.Array, executor: Executor, bounds: np.ndarray,
-                func: Callable[..., np.ndarray] = _block_stats_row, *args: Any) -> float:
+                func: Callable[..., np.ndarray] = _block_stats_row, *args: Any, label: str = "cost statistics") -> float:
     """``max D`` of a lazy cost, from one pass of ``func`` (per-block stats, perhaps storing the block)."""
     stats_array = cost.map_blocks(func, *args, dtype=np.float64, chunks=((1,) * cost.numblocks[0], (3,)),
                                   meta=np.empty((0, 0)))
-    (stats,) = executor.compute(stats_array, label="cost statistics")
+    (stats,) = executor.compute(stats_array, label=label)
     return _max_cost(stats, bounds)
 
 
@@ -218,7 +218,7 @@ def build_kernel(
     store = KernelStore.create(parent, cost.shape, bounds, checkpoint=checkpoint)
     try:
         cost_targets = store.blocks(COST_ARRAY)
-        max_cost = _cost_stats(cost, executor, bounds, _store_block, cost_targets)
+        max_cost = _cost_stats(cost, executor, bounds, _store_block, cost_targets, label="cost -> kernel store")
         eps_value = _resolve_eps(max_cost, lam, eps)
         use_log = _choose_domain(log_domain, eps_value, max_cost)
         if use_log:
@@ -320,8 +320,8 @@ def kernel_from_array(
     executor : Executor, optional
         A cluster executor to hold the blocks on its workers (default: this process).
     kernel_dtype : {"float32", "float16", "bfloat16", "auto"}
-        Format of the stored entries (:mod:`ssa_dask.kernel_precision`; each row scaled to a maximum
-        of 1 in 16 bits); ``"auto"`` as in :func:`build_kernel` (float32 in the log domain), with
+        Format of the stored entries (:mod:`ssa_dask.kernel_precision`; 16-bit rows are scaled by
+        their maximum); ``"auto"`` as in :func:`build_kernel` (float32 in the log domain), with
         the executor's memory (this machine's by default).  float16/bfloat16 with ``log_domain``
         raise :class:`SSAInputError`.
     """
