@@ -8,6 +8,9 @@ cost ``D`` in [0, 1] (``cells x spots``):
 * ssa_dask's ``sinkhorn`` (fused one-pass sweep, local executor as used by ``align(client=None)``)
   per iteration, for a few block sizes, and the same Numba sweep called directly from a bare
   thread pool (the floor without any ssa_dask orchestration);
+* the same ``sinkhorn`` on the kernel stored as float16 and bfloat16 (``kernel_dtype``, 2 bytes
+  per entry, decoded in the sweep) at the best float32 block size, per iteration and as a ratio
+  to the float32 read bound (target: float16 at most 1.0x one float32 read of ``K``);
 * POT's ``ot.sinkhorn(p, q, M, reg)`` with ``M = -eps log K`` and ``reg = eps`` (so POT rebuilds
   the same ``K``), per iteration as ``(t(n2) - t(n1)) / (n2 - n1)`` (``n1 = 10``, ``n2 - n1`` a
   multiple of 10, so POT's error check every 10th iteration is counted at its real rate) so its
@@ -21,6 +24,12 @@ Usage::
     python benchmarks/bench_sinkhorn.py                      # 50,000 x 3,600
     python benchmarks/bench_sinkhorn.py --cost geometric --name sinkhorn_geometric
     python benchmarks/bench_sinkhorn.py --cells 20000 --spots 1000 --iters 20 --no-pot64
+    python benchmarks/bench_sinkhorn.py --cells 200000 --spots 4000 --iters 10 --repeat 2 \
+        --block-rows 12500 --no-pot64 --name precision/sinkhorn_200k        # kernel dtypes at scale
+
+After ssa_dask's runs, ``K`` is turned into POT's cost ``M = -eps log K`` in place, so the run
+holds one float32 matrix besides POT's own copies (``--pot-cost-on-disk`` memory-maps ``M`` from
+``benchmarks/_work`` instead, so the page cache can drop it while POT holds its kernel and plan).
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import ot
 
-from _common import PeakMemory, loadavg, measure_bandwidth, print_table, timeit, write_result
+from _common import RESULTS_DIR, WORK_DIR, PeakMemory, loadavg, measure_bandwidth, print_table, timeit, write_result
 from ssa_dask import _kernels
 from ssa_dask.errors import ConvergenceWarning
 from ssa_dask._block_math import scaling as _scaling
@@ -43,7 +52,8 @@ from ssa_dask.sinkhorn import sinkhorn
 
 
 def make_problem(n_cells: int, n_spots: int, lam: float, seed: int, cost: str = "random"):
-    """A cost in [0, 1], its float32 kernel at ``eps = lam * max D``, and random marginals.
+    """The float32 kernel at ``eps = lam * max D`` of a cost in [0, 1] (computed in the cost's
+    memory), and random marginals.
 
     ``cost="random"``: i.i.d. uniform entries (Sinkhorn converges in a few iterations).
     ``cost="geometric"``: squared distances between random points in the unit square, scaled to
@@ -60,15 +70,16 @@ def make_problem(n_cells: int, n_spots: int, lam: float, seed: int, cost: str = 
     else:
         raise ValueError(f"unknown cost {cost!r}")
     eps = float(lam * D.max())
-    K = np.exp(D * np.float32(-1.0 / eps))
+    D *= np.float32(-1.0 / eps)
+    K = np.exp(D, out=D)
     p = rng.uniform(0.5, 1.5, n_cells)
     q = rng.uniform(0.5, 1.5, n_spots)
-    return D, K, p / p.sum(), q / q.sum(), eps
+    return K, p / p.sum(), q / q.sum(), eps
 
 
-def ours_per_iteration(K, p, q, eps, block_rows: int, iters: int, repeat: int) -> dict:
+def ours_per_iteration(K, p, q, eps, block_rows: int, iters: int, repeat: int, kernel_dtype: str = "float32") -> dict:
     """ssa_dask.sinkhorn with a fixed iteration count (tol = 0 never stops early)."""
-    kernel = kernel_from_array(K, eps=eps, block_rows=block_rows, max_cost=1.0)
+    kernel = kernel_from_array(K, eps=eps, block_rows=block_rows, max_cost=1.0, kernel_dtype=kernel_dtype)
 
     def run():
         with warnings.catch_warnings():
@@ -76,7 +87,8 @@ def ours_per_iteration(K, p, q, eps, block_rows: int, iters: int, repeat: int) -
             return sinkhorn(kernel, p, q, tol=1e-300, max_iter=iters)
 
     timing = timeit(run, repeat=repeat)
-    return {"block_rows": block_rows, "n_blocks": len(kernel.blocks), "per_iter_s": timing.best / iters}
+    return {"block_rows": block_rows, "n_blocks": len(kernel.blocks), "per_iter_s": timing.best / iters,
+            "kernel_dtype": kernel_dtype}
 
 
 def bare_sweep(K, p, q, eps, block_rows: int, iters: int, repeat: int, threads: int) -> float:
@@ -156,42 +168,63 @@ def main() -> None:
     ap.add_argument("--no-pot64", action="store_true", help="skip POT on a float64 cost")
     ap.add_argument("--cost", choices=["random", "geometric"], default="random")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kernel-dtypes", nargs="*", default=["float16", "bfloat16"],
+                    help="16-bit kernel storages timed at the best float32 block size")
+    ap.add_argument("--pot-cost-on-disk", action="store_true", help="memory-map POT's cost from benchmarks/_work")
+    ap.add_argument("--pot-cells", type=int, default=None,
+                    help="time POT on the first rows only (it holds ~4 copies of the matrix); its per-iteration "
+                         "time is then scaled by cells / pot_cells and reported as such")
     ap.add_argument("--name", default="sinkhorn", help="results/<name>.json")
     args = ap.parse_args()
     load_before = loadavg()
+    (RESULTS_DIR / args.name).parent.mkdir(parents=True, exist_ok=True)
     threads = __import__("os").cpu_count() or 1
 
     with PeakMemory() as mem:
         bw = measure_bandwidth(int(args.bandwidth_gib * 2**30))
-        D, K, p, q, eps = make_problem(args.cells, args.spots, args.lam, args.seed, args.cost)
-        del D
+        K, p, q, eps = make_problem(args.cells, args.spots, args.lam, args.seed, args.cost)
         bound = K.nbytes / (bw["best_gbs"] * 1e9)
 
         ours = [ours_per_iteration(K, p, q, eps, br, args.iters, args.repeat) for br in args.block_rows]
         best = min(ours, key=lambda r: r["per_iter_s"])
+        half = {dtype: ours_per_iteration(K, p, q, eps, best["block_rows"], args.iters, args.repeat, dtype)
+                for dtype in args.kernel_dtypes}
+        gc.collect()
         no_dask = bare_sweep(K, p, q, eps, best["block_rows"], args.iters, args.repeat, threads)
         np_iter = numpy_two_pass(K, p, q, args.iters, args.repeat)
-
-        M32 = (-eps * np.log(K)).astype(np.float32)
-        pot32 = pot_per_iteration(M32, p.astype(np.float32), q.astype(np.float32), eps, 10, 10 + 4 * args.iters,
-                                  args.repeat)
-        pot32_tol = pot_to_tolerance(M32, p.astype(np.float32), q.astype(np.float32), eps, args.tol, args.max_iter)
-        pot64 = pot64_tol = None
-        if not args.no_pot64:
-            M64 = M32.astype(np.float64)
-            del M32
-            pot64 = pot_per_iteration(M64, p, q, eps, 10, 10 + 2 * args.iters, max(1, args.repeat - 1))
-            pot64_tol = pot_to_tolerance(M64, p, q, eps, args.tol, args.max_iter)
-            del M64
-        else:
-            del M32
-        gc.collect()
 
         kernel = kernel_from_array(K, eps=eps, block_rows=best["block_rows"], max_cost=1.0)
         t0 = time.perf_counter()
         res = sinkhorn(kernel, p, q, tol=args.tol, max_iter=args.max_iter)
         ours_tol = {"seconds": time.perf_counter() - t0, "n_iter": res.n_iter, "column_l1_err": res.marginal_error,
                     "converged": res.converged, "block_rows": best["block_rows"]}
+        del kernel
+        kernel_bytes = K.nbytes
+        np.log(K, out=K)  # K becomes POT's cost M = -eps log K, in place
+        K *= np.float32(-eps)
+        M32, K = K, None
+        pot_rows = min(args.pot_cells or args.cells, args.cells)
+        pot_scale = args.cells / pot_rows  # POT's per-iteration work is proportional to the rows
+        M32 = M32[:pot_rows]
+        p_pot = p[:pot_rows] / p[:pot_rows].sum()
+        if args.pot_cost_on_disk:
+            WORK_DIR.mkdir(parents=True, exist_ok=True)
+            np.save(WORK_DIR / "pot_cost.npy", M32)
+            M32 = np.load(WORK_DIR / "pot_cost.npy", mmap_mode="r")
+        pot32 = pot_scale * pot_per_iteration(M32, p_pot.astype(np.float32), q.astype(np.float32), eps, 10,
+                                              10 + 4 * args.iters, args.repeat)
+        pot32_tol = pot_to_tolerance(M32, p_pot.astype(np.float32), q.astype(np.float32), eps, args.tol, args.max_iter)
+        pot64 = pot64_tol = None
+        if not args.no_pot64:
+            M64 = M32.astype(np.float64)
+            del M32
+            pot64 = pot_scale * pot_per_iteration(M64, p_pot, q, eps, 10, 10 + 2 * args.iters, max(1, args.repeat - 1))
+            pot64_tol = pot_to_tolerance(M64, p_pot, q, eps, args.tol, args.max_iter)
+            del M64
+        else:
+            del M32
+        gc.collect()
+        (WORK_DIR / "pot_cost.npy").unlink(missing_ok=True)
 
     rows = [
         ["memory-bandwidth bound", bound * 1e3, 1.0, f"{bw['best_gbs']:.1f} GB/s ({bw['best_method']})"],
@@ -199,11 +232,14 @@ def main() -> None:
            r["per_iter_s"] / bound, "fused one-pass Numba sweep, local executor"] for r in ours],
         [f"same sweep, bare thread pool (block_rows={best['block_rows']})", no_dask * 1e3, no_dask / bound, "ThreadPool"],
         ["NumPy two-pass (sgemv x2)", np_iter * 1e3, np_iter / bound, "float32"],
-        ["POT ot.sinkhorn float32", pot32 * 1e3, pot32 / bound, "per-iteration by differencing"],
+        *[[f"ssa_dask sinkhorn, {dtype} kernel (block_rows={r['block_rows']})", r["per_iter_s"] * 1e3,
+           r["per_iter_s"] / bound, "2 bytes/entry, decoded in the sweep"] for dtype, r in half.items()],
+        ["POT ot.sinkhorn float32", pot32 * 1e3, pot32 / bound,
+         "per-iteration by differencing" + (f", on {pot_rows:,} rows x {pot_scale:.3g}" if pot_scale != 1 else "")],
     ]
     if pot64 is not None:
         rows.append(["POT ot.sinkhorn float64", pot64 * 1e3, pot64 / bound, "K is 2x the bytes"])
-    print(f"K: {args.cells:,} x {args.spots:,} float32 = {K.nbytes / 1e9:.2f} GB, eps = {eps:.4g}, "
+    print(f"K: {args.cells:,} x {args.spots:,} float32 = {kernel_bytes / 1e9:.2f} GB, eps = {eps:.4g}, "
           f"{threads} cores, load {load_before}")
     print_table("Per iteration", ["method", "ms/iter", "x bound", "note"], rows)
     ratios = {
@@ -212,19 +248,22 @@ def main() -> None:
         "pot64_over_ours": (pot64 / best["per_iter_s"]) if pot64 else None,
         "numpy_over_ours": np_iter / best["per_iter_s"],
         "ours_over_bare_pool": best["per_iter_s"] / no_dask,
-        "pot32_total_over_ours_total": pot32_tol["seconds"] / ours_tol["seconds"],
-        "pot64_total_over_ours_total": (pot64_tol["seconds"] / ours_tol["seconds"]) if pot64_tol else None,
+        "pot32_total_over_ours_total": pot32_tol["seconds"] / ours_tol["seconds"] if pot_scale == 1 else None,
+        **{f"{dtype}_over_bound": r["per_iter_s"] / bound for dtype, r in half.items()},
+        **{f"{dtype}_over_float32": r["per_iter_s"] / best["per_iter_s"] for dtype, r in half.items()},
+        **{f"pot32_over_{dtype}": pot32 / r["per_iter_s"] for dtype, r in half.items()},
+        "pot64_total_over_ours_total": (pot64_tol["seconds"] / ours_tol["seconds"]) if pot64_tol and pot_scale == 1 else None,
     }
     tol_rows = [["ssa_dask", ours_tol["seconds"], ours_tol["n_iter"], ours_tol["column_l1_err"]],
-                ["POT float32", pot32_tol["seconds"], pot32_tol["n_iter"], pot32_tol["column_l1_err"]]]
+                [f"POT float32 ({pot_rows:,} rows)", pot32_tol["seconds"], pot32_tol["n_iter"], pot32_tol["column_l1_err"]]]
     if pot64_tol:
         tol_rows.append(["POT float64", pot64_tol["seconds"], pot64_tol["n_iter"], pot64_tol["column_l1_err"]])
     print_table(f"To tolerance {args.tol:g}", ["method", "seconds", "iterations", "final column L1 error"], tol_rows)
     print_table("Ratios (same run)", ["ratio", "value"], [[k, v] for k, v in ratios.items() if v is not None])
     print(f"peak RSS {mem.peak_gib:.2f} GiB")
     write_result(args.name, {
-        "args": vars(args), "eps": eps, "kernel_bytes": K.nbytes, "bandwidth": bw, "bound_s": bound,
-        "ours": ours, "ours_bare_pool_s": no_dask, "numpy_two_pass_s": np_iter, "pot32_s": pot32, "pot64_s": pot64,
+        "args": vars(args), "eps": eps, "kernel_bytes": kernel_bytes, "bandwidth": bw, "bound_s": bound,
+        "ours": ours, "ours_16_bit": half, "pot_rows": pot_rows, "ours_bare_pool_s": no_dask, "numpy_two_pass_s": np_iter, "pot32_s": pot32, "pot64_s": pot64,
         "ours_to_tol": ours_tol, "pot32_to_tol": pot32_tol, "pot64_to_tol": pot64_tol, "ratios": ratios,
         "peak_rss_gib": mem.peak_gib,
     }, load_before)

@@ -1,6 +1,7 @@
 """The per-block maths of the kernel: what one task does to one row block, wherever it lives.
 
-Every function takes a block handle (a NumPy array, or anything with a ``load()`` method such as a
+Every function takes a block handle (a NumPy array, a :class:`~ssa_dask.kernel_precision.HalfRows`
+of float16/bfloat16 rows with their scales, or anything with a ``load()`` method such as a
 :class:`~ssa_dask.kernel_store.StoredBlock`, resolved by :func:`load_block`) and returns a small
 array: a spot-length partial sum, per-row top-k entries, statistics.  :class:`~ssa_dask.kernel.Kernel`
 schedules them; the Numba sweeps are in :mod:`ssa_dask._kernels`.
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ssa_dask import _kernels
+from ssa_dask.kernel_precision import HalfRows
 
 
 def load_block(block: Any) -> np.ndarray:
@@ -35,10 +37,23 @@ REDUCTIONS: dict[str, Callable[[list[np.ndarray]], np.ndarray]] = {
 }
 
 
+def kernel_rows(values: np.ndarray | HalfRows) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 kernel rows of a loaded block and their log scales: ``K_ij = rows_ij exp(log_scale_i)``.
+
+    A float32 block is its own rows (scales 0); 16-bit rows are decoded.
+    """
+    if isinstance(values, HalfRows):
+        return values.scaled_rows(), values.log_scale
+    return values, np.zeros(values.shape[0])
+
+
 def gibbs(block: Any, eps: float, log_domain: bool) -> np.ndarray:
     """The block as float64 kernel values (``exp(-D/eps)`` of a cost block in the log domain)."""
-    values = np.asarray(load_block(block), np.float64)
-    return np.exp(-values / eps) if log_domain else values
+    values = load_block(block)
+    if log_domain:
+        return np.exp(-np.asarray(values, np.float64) / eps)
+    rows, log_scale = kernel_rows(values)
+    return np.asarray(rows, np.float64) * np.exp(log_scale)[:, None]
 
 
 def apply_rows(block: Any, v: np.ndarray, eps: float, log_domain: bool) -> np.ndarray:
@@ -63,6 +78,8 @@ def column_marginal_block(block: Any, p: np.ndarray, g: np.ndarray, eps: float, 
     rows = np.ascontiguousarray(p, dtype=np.float64)
     if log_domain:
         _kernels.log_sweep(values, rows, g, eps, out)
+    elif isinstance(values, HalfRows):  # the row scales cancel in the marginal
+        _kernels.kernel_sweep(values.bits, rows, scaling(g, eps).astype(np.float32), out, values.bfloat16)
     else:
         _kernels.kernel_sweep(values, rows, scaling(g, eps).astype(np.float32), out)
     return out
@@ -75,7 +92,7 @@ def top_k_block(block: Any, p: np.ndarray, g: np.ndarray, eps: float, log_domain
     float32 like the kernel (row sums in float64); the log domain works in float64, where the
     scores span a range float32 cannot resolve: each row is shifted by its maximum (so its sum is
     at least 1 and ``f`` is finite at any eps) and ranked by its log scores, which keep their order
-    where the scores themselves underflow to 0.
+    where the scores themselves underflow to 0.  A row scale of 16-bit rows enters only ``f``.
     """
     values = load_block(block)
     if log_domain:
@@ -85,9 +102,10 @@ def top_k_block(block: Any, p: np.ndarray, g: np.ndarray, eps: float, log_domain
         score = np.exp(rank)
         log_offset = shift[:, 0]
     else:
-        score = values * scaling(g, eps).astype(np.float32)[None, :]
+        rows, log_scale = kernel_rows(values)
+        score = rows * scaling(g, eps).astype(np.float32)[None, :]
         rank = score
-        log_offset = np.full(values.shape[0], g.max() / eps)
+        log_offset = g.max() / eps + log_scale
     row_sum = score.sum(axis=1, dtype=np.float64)
     if k == 1:
         top = rank.argmax(axis=1)[:, None]

@@ -9,21 +9,82 @@ potential ``g`` (``b = exp(g / eps)``) and the row masses ``p_I``, each sweep
    ``out_j += a_i K_ij b_j`` (the log domain returns ``log sum_i T_ij`` instead, exact at any eps),
 
 row by row, so the row is still in cache for step 2 and the block is read from memory once.
+Blocks stored as float16 or bfloat16 bit patterns (:mod:`ssa_dask.kernel_precision`) are decoded
+in registers as they are read (:func:`kernel_sweep` on a uint16 block).
 The functions release the GIL, so Dask threads run blocks in parallel.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
-
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic, overload
 
 #: Rows whose contributions are summed in float32 before they join the float64 accumulator.
 _FLUSH_ROWS = 64
+#: ``2^(127 - 15)``: moves a float16 exponent, shifted into float32's place, to float32's bias.
+_F16_REBIAS = np.float32(2.0**112)
+
+
+@intrinsic
+def _as_float32(typingctx: Any, word: Any) -> Any:
+    """The float32 whose bits are the uint32 ``word`` (a register bit cast, no memory)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@numba.njit(inline="always")
+def _float16_magnitude(h: np.uint16) -> np.float32:
+    """``|x|`` of a finite float16 ``x`` given by its bits, as float32, exactly.
+
+    Exponent and mantissa are shifted into float32's place, which is ``|x| 2^-112``, and multiplied
+    by ``2^112`` (exact, for float16 subnormals too).  Only float16 subnormals make a float32
+    subnormal operand, slow on some CPUs; stored rows peak at ``2^15`` so that only entries
+    below ``2^-29`` of their row's maximum are float16 subnormals
+    (:data:`ssa_dask.kernel_precision.ROW_MAX`).
+    """
+    return _as_float32((np.uint32(h) & np.uint32(0x7FFF)) << np.uint32(13)) * _F16_REBIAS
+
+
+@numba.njit(inline="always")
+def _bfloat16_value(h: np.uint16) -> np.float32:
+    """The bfloat16 given by its bits, as float32 (its upper half), exactly."""
+    return _as_float32(np.uint32(h) << np.uint32(16))
+
+
+def _entry(rows, i, j, bfloat16):  # noqa: ANN001, ANN201 - the overload's signature must match its implementations
+    """Entry ``(i, j)`` of a kernel block as float32: read (float32 block) or decoded (uint16 bits).
+
+    Stored 16-bit entries are finite and non-negative (:mod:`ssa_dask.kernel_precision`).
+    """
+    raise NotImplementedError("compiled only (a Numba overload)")
+
+
+@overload(_entry)
+def _entry_overload(rows, i, j, bfloat16):  # noqa: ANN001, ANN201
+    """The implementation of :func:`_entry` for the block's dtype."""
+    if rows.dtype == types.float32:
+        return lambda rows, i, j, bfloat16: rows[i, j]
+    if rows.dtype == types.uint16:
+        def decoded(rows, i, j, bfloat16):  # noqa: ANN001, ANN202
+            h = rows[i, j]
+            if bfloat16:
+                return _bfloat16_value(h)
+            return _float16_magnitude(h)
+
+        return decoded
+    return None
 
 
 @numba.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
-def kernel_sweep(K: np.ndarray, p: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+def kernel_sweep(K: np.ndarray, p: np.ndarray, b: np.ndarray, out: np.ndarray, bfloat16: bool = False) -> None:
     """Add ``b * (K^T (p / (K b)))`` of one block to ``out`` (kernel domain).
 
     Rows are taken four at a time: one pass over ``b`` gives four row sums, and one pass over the
@@ -33,16 +94,22 @@ def kernel_sweep(K: np.ndarray, p: np.ndarray, b: np.ndarray, out: np.ndarray) -
     float64), then flushed into a float64 accumulator, so the column marginal keeps float64
     accuracy over millions of rows.
 
+    A block stored as float16 or bfloat16 bit patterns (uint16) is decoded in registers as it is
+    read (its four rows are still in cache for the second pass), so it is read from memory once at
+    2 bytes per entry; its per-row scale (:class:`ssa_dask.kernel_precision.HalfRows`) cancels here.
+
     Parameters
     ----------
-    K : (n, S) float32 array
-        Kernel block ``exp(-D / eps)``.
+    K : (n, S) float32 array, or (n, S) uint16 array of float16 / bfloat16 bits
+        Kernel block ``exp(-D / eps)`` (row-scaled when stored in 16 bits).
     p : (n,) float64 array
         Row masses of the block.
     b : (S,) float32 array
         Column scaling ``exp(g / eps)``.
     out : (S,) float64 array
         Accumulator of the plan's column marginal; updated in place.
+    bfloat16 : bool
+        Whether a uint16 ``K`` holds bfloat16 bits (else float16); ignored for a float32 ``K``.
     """
     n, s = K.shape
     acc = np.zeros(s, dtype=np.float64)
@@ -57,25 +124,26 @@ def kernel_sweep(K: np.ndarray, p: np.ndarray, b: np.ndarray, out: np.ndarray) -
             r3 = np.float32(0.0)
             for j in range(s):
                 bj = b[j]
-                r0 += K[i, j] * bj
-                r1 += K[i + 1, j] * bj
-                r2 += K[i + 2, j] * bj
-                r3 += K[i + 3, j] * bj
+                r0 += _entry(K, i, j, bfloat16) * bj
+                r1 += _entry(K, i + 1, j, bfloat16) * bj
+                r2 += _entry(K, i + 2, j, bfloat16) * bj
+                r3 += _entry(K, i + 3, j, bfloat16) * bj
             a0 = np.float32(p[i] / np.float64(r0))
             a1 = np.float32(p[i + 1] / np.float64(r1))
             a2 = np.float32(p[i + 2] / np.float64(r2))
             a3 = np.float32(p[i + 3] / np.float64(r3))
             for j in range(s):
-                partial[j] += a0 * K[i, j] + a1 * K[i + 1, j] + a2 * K[i + 2, j] + a3 * K[i + 3, j]
+                partial[j] += (a0 * _entry(K, i, j, bfloat16) + a1 * _entry(K, i + 1, j, bfloat16)
+                               + a2 * _entry(K, i + 2, j, bfloat16) + a3 * _entry(K, i + 3, j, bfloat16))
             i += 4
             pending += 4
         else:
             r0 = np.float32(0.0)
             for j in range(s):
-                r0 += K[i, j] * b[j]
+                r0 += _entry(K, i, j, bfloat16) * b[j]
             a0 = np.float32(p[i] / np.float64(r0))
             for j in range(s):
-                partial[j] += a0 * K[i, j]
+                partial[j] += a0 * _entry(K, i, j, bfloat16)
             i += 1
             pending += 1
         if pending >= _FLUSH_ROWS or i >= n:
@@ -85,6 +153,37 @@ def kernel_sweep(K: np.ndarray, p: np.ndarray, b: np.ndarray, out: np.ndarray) -
             pending = 0
     for j in range(s):
         out[j] += acc[j] * b[j]
+
+
+@numba.njit(nogil=True, cache=True)
+def decode_half(bits: np.ndarray, bfloat16: bool) -> np.ndarray:
+    """float16 (or bfloat16) bit patterns as float32 values, exactly, for every one of the 65,536 patterns.
+
+    Parameters
+    ----------
+    bits : (n, S) uint16 array
+    bfloat16 : bool
+        Whether ``bits`` are bfloat16 (else float16).
+
+    Returns
+    -------
+    (n, S) float32 array
+    """
+    n, s = bits.shape
+    out = np.empty((n, s), dtype=np.float32)
+    for i in range(n):
+        for j in range(s):
+            h = bits[i, j]
+            if bfloat16:
+                out[i, j] = _bfloat16_value(h)
+                continue
+            sign = (np.uint32(h) & np.uint32(0x8000)) << np.uint32(16)
+            if np.uint32(h) & np.uint32(0x7C00) == np.uint32(0x7C00):  # infinity or NaN: keep the payload
+                out[i, j] = _as_float32(sign | np.uint32(0x7F800000) | ((np.uint32(h) & np.uint32(0x3FF)) << np.uint32(13)))
+            else:
+                value = _float16_magnitude(h)
+                out[i, j] = -value if sign else value
+    return out
 
 
 #: Fast-math flags of the log-domain sweep: those of ``fastmath=True`` except "no NaN / no inf", so

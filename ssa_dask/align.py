@@ -20,7 +20,8 @@ from ssa_dask.cost import cost_blocks, lazy_pearson_cost
 from ssa_dask.errors import SSAInputError
 from ssa_dask.genes import select_genes
 from ssa_dask.io import ExpressionMatrix, read_expression
-from ssa_dask.kernel_build import build_kernel
+from ssa_dask.kernel_build import LOG_DOMAIN_BELOW_LAM, MEMORY_SHARE_FOR_KERNEL, build_kernel, check_dtype_domain
+from ssa_dask.kernel_precision import ENTRY_BYTES, check_kernel_dtype, choose_kernel_dtype
 from ssa_dask.kernel_store import local_directory
 from ssa_dask.progress import SinkhornProgress
 from ssa_dask.sinkhorn import DEFAULT_MAX_ITER, DEFAULT_TOL, Checkpoint, check_iteration_options, sinkhorn
@@ -30,9 +31,6 @@ log = logging.getLogger(__name__)
 
 #: Target size of one row block of the kernel (and of one densified block of cells).
 TARGET_BLOCK_BYTES = 128 * 2**20
-#: With ``kernel_storage="auto"``, the kernel stays in memory while it takes at most this share of
-#: the workers' memory; beyond it the blocks go to Zarr and are streamed.
-MEMORY_SHARE_FOR_KERNEL = 0.5
 
 
 def align(
@@ -52,6 +50,7 @@ def align(
     kernel_storage: Literal["auto", "memory", "zarr"] = "auto",
     kernel_path: str | None = None,
     memory_budget: int | None = None,
+    kernel_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto",
     init_g: np.ndarray | None = None,
     checkpoint: str | None = None,
     client: Any = None,
@@ -113,6 +112,15 @@ def align(
         directory); the store is removed when the run ends.  Use fast local or shared scratch.
     memory_budget : int, optional
         Bytes the workers may use (default: the cluster's memory, or this machine's available memory).
+        With ``kernel_storage="auto"`` (the kernel stays in memory while it takes at most
+        ``MEMORY_SHARE_FOR_KERNEL`` of the budget, else it goes to Zarr).
+    kernel_dtype : {"auto", "float32", "float16", "bfloat16"}
+        Format of the stored kernel entries (:mod:`ssa_dask.kernel_precision`): 16-bit rows, each
+        scaled to a maximum of 1, halve the kernel's memory and the bytes read per iteration;
+        accumulation stays float32/float64.  ``"auto"``: float16 when a float32 kernel would not fit
+        in memory (see ``memory_budget``) but a float16 one would and the storage may be memory,
+        else float32; always float32 in the log domain.  float16/bfloat16 in the log domain are
+        refused.  The choice is recorded in the attrs (``kernel_dtype``).
     init_g : (n_spots,) array, optional
         Warm-start column potential (e.g. ``ssa_dask.column_potential(result)`` of an earlier run).
     checkpoint : str, optional
@@ -163,6 +171,7 @@ def align(
         raise SSAInputError(f"marginals must be 'total' or 'uniform', got {marginals!r}")
     check_iteration_options(tol, max_iter)
     _check_scratch(kernel_path, checkpoint, block_rows)
+    check_dtype_domain(check_kernel_dtype(kernel_dtype), log_domain, lam if eps is None else None, eps)
     checkpoint = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
     cells = read_expression(sc, layer=sc_layer, gene_key=gene_key, log1p=log1p, role="scRNA")
     spot_matrix = read_expression(spots, layer=spots_layer, gene_key=gene_key, log1p=log1p, role="spots")
@@ -172,7 +181,8 @@ def align(
                         capacity=capacity, tol=tol,
                         max_iter=max_iter, log_domain=log_domain, top_k=top_k, block_rows=block_rows,
                         kernel_storage=kernel_storage, kernel_path=kernel_path, memory_budget=memory_budget,
-                        init_g=init_g, checkpoint=checkpoint, progress=progress, drop_empty=drop_empty)
+                        kernel_dtype=kernel_dtype, init_g=init_g, checkpoint=checkpoint, progress=progress,
+                        drop_empty=drop_empty)
     # How the inputs were read, so that open_plan can read them the same way.
     result.attrs.update(log1p=int(log1p), sc_layer=sc_layer or "", spots_layer=spots_layer or "", gene_key=gene_key or "",
                         spot_mass=marginals if spot_mass is None else spot_mass if isinstance(spot_mass, str) else "array")
@@ -181,7 +191,7 @@ def align(
 
 def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Executor, *, n_genes, lam, eps, marginals,
            capacity=None, tol, max_iter, log_domain, top_k, block_rows, kernel_storage, kernel_path, memory_budget, init_g,
-           checkpoint, progress, drop_empty=False) -> xr.Dataset:
+           checkpoint, progress, drop_empty=False, kernel_dtype="auto") -> xr.Dataset:
     log.info("scRNA: %d cells x %d genes; spots: %d x %d genes", *cells.shape, *spot_matrix.shape)
     inputs = _checked_inputs(cells, spot_matrix, executor, marginals, drop_empty)
     cells, spot_matrix, cell_summary, spot_summary = inputs.cells, inputs.spots, inputs.cell_summary, inputs.spot_summary
@@ -201,13 +211,16 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
 
     rows = block_rows or default_block_rows(n_cells, n_spots, len(genes), executor.n_threads(), cells.X.chunks[0][0])
     X = cells.select_genes(genes).rechunk_rows(rows).X
-    storage = _choose_storage(kernel_storage, n_cells * n_spots * 4, memory_budget or executor.memory_bytes())
-    log.info("kernel %d x %d float32 (%.2f GB) in %s, %d blocks of %d cells", n_cells, n_spots,
-             n_cells * n_spots * 4 / 1e9, storage, math.ceil(n_cells / rows), rows)
+    budget = memory_budget or executor.memory_bytes()
+    dtype = _choose_kernel_dtype(kernel_dtype, kernel_storage, log_domain, lam, eps, n_cells * n_spots, budget)
+    storage = _choose_storage(kernel_storage, n_cells * n_spots * ENTRY_BYTES[dtype], budget)
+    log.info("kernel %d x %d %s (%.2f GB) in %s, %d blocks of %d cells", n_cells, n_spots, dtype,
+             n_cells * n_spots * ENTRY_BYTES[dtype] / 1e9, storage, math.ceil(n_cells / rows), rows)
     fingerprint = _fingerprint(cell_summary, spot_summary, genes, lam, eps, log_domain, rows)
     kernel = build_kernel(cost_blocks(X, cost, n_spots), executor, lam=None if eps is not None else lam, eps=eps,
                           log_domain=log_domain, storage=storage, path=kernel_path,
-                          checkpoint=checkpoint if storage == "zarr" else None, fingerprint=fingerprint)
+                          checkpoint=checkpoint if storage == "zarr" else None, fingerprint=fingerprint,
+                          kernel_dtype=dtype)
     finished = False
     try:
         p = kernel.row_vector(_masses(cell_summary.row_totals, marginals), executor)
@@ -239,6 +252,7 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
         "log_domain": bool(result.log_domain),
         "marginals": marginals,
         "kernel_storage": storage,
+        "kernel_dtype": dtype,
         "kernel_reused": bool(kernel.reused),
         "n_genes_requested": n_genes,
         "n_genes_used": len(genes),
@@ -271,6 +285,22 @@ def _choose_storage(requested: str, kernel_bytes: int, budget: int) -> str:
     if requested != "auto":
         raise SSAInputError(f"kernel_storage must be 'auto', 'memory' or 'zarr', got {requested!r}")
     return "memory" if kernel_bytes <= MEMORY_SHARE_FOR_KERNEL * budget else "zarr"
+
+
+def _choose_kernel_dtype(requested: str, storage: str, log_domain: Any, lam: float, eps: float | None, n_entries: int,
+                        budget: int) -> str:
+    """Resolve ``kernel_dtype="auto"``: float16 only where the kernel may live in memory, the kernel
+    domain is certain before the cost is computed, and float32 would not fit in its share of ``budget``."""
+    if requested != "auto":
+        return requested
+    kernel_domain = log_domain is False or (log_domain == "auto" and eps is None and lam >= LOG_DOMAIN_BELOW_LAM)
+    if storage == "zarr" or not kernel_domain:
+        return "float32"
+    dtype = choose_kernel_dtype("auto", n_entries, MEMORY_SHARE_FOR_KERNEL * budget)
+    if dtype != "float32":
+        log.info("kernel_dtype auto: float16 (a float32 kernel of %.2f GB exceeds %.0f %% of the %.2f GB budget)",
+                 n_entries * 4 / 1e9, 100 * MEMORY_SHARE_FOR_KERNEL, budget / 1e9)
+    return dtype
 
 
 def _check_scratch(kernel_path: str | None, checkpoint: str | None, block_rows: int | None) -> None:

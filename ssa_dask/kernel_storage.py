@@ -10,8 +10,9 @@ should take which blocks (:meth:`KernelStorage.task_groups`), and how to let go 
 - :class:`DiskBlocks`: chunks of a kernel store on a file system
   (:class:`~ssa_dask.kernel_store.KernelStore`), memory-mapped by the task that reads them.
 
-A storage of reduced precision, or an approximate (low-rank, multiscale, truncated) one, is one
-more class with these members.
+Either storage holds float32 blocks, or float16/bfloat16 blocks with per-row scales
+(:class:`~ssa_dask.kernel_precision.HalfRows`, ``dtype``).  An approximate (low-rank, multiscale,
+truncated) storage is one more class with these members.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from ssa_dask.cluster import Executor
-from ssa_dask.kernel_store import KernelStore, StoredBlock
+from ssa_dask.kernel_store import KernelStore, StoredBlock, StoredHalfBlock
 
 #: Names of the storages ``build_kernel`` can make.
 Storage = Literal["memory", "zarr"]
@@ -44,6 +45,8 @@ class KernelStorage(Protocol):
         Columns of every block.
     reused : bool
         Whether the blocks were found complete on disk instead of built (a resumed run).
+    dtype : str
+        Format of the kernel entries: ``"float32"``, ``"float16"`` or ``"bfloat16"`` (recorded in results).
     """
 
     name: str
@@ -51,6 +54,7 @@ class KernelStorage(Protocol):
     bounds: np.ndarray
     n_spots: int
     reused: bool
+    dtype: str
 
     def task_groups(self, executor: Executor) -> list[list[int]]:
         """Block indices per task, so that an iteration is a handful of tasks."""
@@ -80,6 +84,7 @@ class MemoryBlocks:
     n_spots: int
     name: str = "memory"
     reused: bool = False
+    dtype: str = "float32"
     _groups: list[list[int]] | None = field(default=None, repr=False)
 
     def task_groups(self, executor: Executor) -> list[list[int]]:
@@ -112,12 +117,13 @@ class MemoryBlocks:
 class DiskBlocks:
     """Row blocks in a kernel store on disk, memory-mapped by whichever task reads them."""
 
-    blocks: list[StoredBlock]
+    blocks: list[StoredBlock] | list[StoredHalfBlock]
     bounds: np.ndarray
     n_spots: int
     store: KernelStore
     reused: bool = False
     name: str = "zarr"
+    dtype: str = "float32"
     _groups: list[list[int]] | None = field(default=None, repr=False)
 
     def task_groups(self, executor: Executor) -> list[list[int]]:

@@ -1,18 +1,22 @@
 """The on-disk store of kernel row blocks: safe under task retry, preemption and tampering.
 
 A kernel store is a directory on a POSIX file system (local scratch, or a shared file system on a
-multi-machine cluster) that holds two uncompressed float32 Zarr arrays with one chunk per row
-block: ``cost.zarr`` (``D``, written by the first construction pass) and ``kernel.zarr``
-(``K = exp(-D/eps)``, written by the second).  Every chunk file is written beside its final name
+multi-machine cluster) that holds uncompressed Zarr arrays with one chunk per row block: for a
+float32 kernel, ``cost.zarr`` (``D``, written by the first construction pass) and ``kernel.zarr``
+(``K = exp(-D/eps)``, written by the second); for a float16 or bfloat16 kernel
+(:mod:`ssa_dask.kernel_precision`), ``kernel.zarr`` of uint16 bit patterns and
+``kernel_log_scale.zarr``, one float64 log scale per row (an ``(n, 1)`` array), both written by
+the second pass from a recomputed cost (no float32 copy of the cost is stored).  Every chunk file is written beside its final name
 and renamed into place, and each pass is a pure function of its input chunk, so a task that
 Dask retries (a lost worker, a preempted node) writes the same bytes again; the second pass reads
 ``cost`` and writes ``kernel`` (never in place) and removes the cost chunk only once the kernel
-chunk is in place, so applying it twice is harmless.
+chunk is in place, so applying it twice is harmless.  A 16-bit block's scale chunk is written
+before its bits chunk, and the block is complete only when both are.
 
 Reading memory-maps a chunk file after checking that it exists and has the size of a full chunk:
 a missing or truncated chunk raises :class:`KernelStoreError` naming the store, never reads as
-zeros.  The arrays' codecs are checked to be the plain little-endian ``bytes`` codec before any
-chunk is mapped.
+zeros.  The arrays' codecs are checked to be the plain little-endian ``bytes`` codec, and their
+dtypes those of the store's kernel dtype (recorded in ``manifest.json``), before any chunk is mapped.
 
 ``owner.json`` records the host and process that made the store, so stores of runs that died
 (SIGKILL, a node that went away) are found and removed by the next run on that host
@@ -37,6 +41,7 @@ import numpy as np
 import psutil
 
 from ssa_dask.errors import SSAError, SSAInputError
+from ssa_dask.kernel_precision import ENTRY_BYTES, HALF_DTYPES, HalfRows
 from ssa_dask.paths import resolve_local_path
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,7 @@ OWNER_FILE = "owner.json"
 MANIFEST_FILE = "manifest.json"
 COST_ARRAY = "cost.zarr"
 KERNEL_ARRAY = "kernel.zarr"
+SCALE_ARRAY = "kernel_log_scale.zarr"
 
 
 class KernelStoreError(SSAError):
@@ -73,11 +79,20 @@ def local_directory(path: str | os.PathLike | None, what: str) -> Path | None:
     return resolved
 
 
+def store_bytes(shape: tuple[int, int], kernel_dtype: str) -> int:
+    """Peak size of a kernel store: one float32 copy of the cost (converted to the kernel in
+    place), or the 16-bit kernel and its float64 row scales (the cost is not stored)."""
+    n_rows, n_columns = shape
+    if kernel_dtype in HALF_DTYPES:
+        return n_rows * n_columns * ENTRY_BYTES[kernel_dtype] + n_rows * 8
+    return n_rows * n_columns * 4
+
+
 def check_free_space(directory: Path | None, kernel_bytes: int) -> None:
     """Refuse a kernel store that would not fit on the disk of ``directory`` (scratch by default).
 
-    The store peaks at one float32 copy of the cost matrix plus the chunks being converted; 5 %
-    is added for those.
+    ``kernel_bytes`` is the store's peak (:func:`store_bytes`); 5 % is added for the chunks
+    being converted.
 
     Raises
     ------
@@ -109,7 +124,7 @@ class StoredBlock:
     store : str
         The kernel store directory (named in errors).
     array : str
-        ``"cost.zarr"`` or ``"kernel.zarr"``.
+        ``"cost.zarr"``, ``"kernel.zarr"`` or ``"kernel_log_scale.zarr"``.
     chunk : str
         The chunk key (file path relative to the array).
     start, stop : int
@@ -117,7 +132,9 @@ class StoredBlock:
     chunk_rows : int
         Rows of a full chunk (edge chunks are stored padded to it).
     n_columns : int
-        Columns (spots).
+        Columns (spots; 1 for the row scales).
+    dtype : str
+        Little-endian NumPy dtype of the entries (``"<f4"``, ``"<u2"``, ``"<f8"``).
     """
 
     store: str
@@ -127,6 +144,7 @@ class StoredBlock:
     stop: int
     chunk_rows: int
     n_columns: int
+    dtype: str = "<f4"
 
     @property
     def file(self) -> Path:
@@ -136,7 +154,7 @@ class StoredBlock:
     @property
     def nbytes(self) -> int:
         """Size of a complete chunk file."""
-        return self.chunk_rows * self.n_columns * 4
+        return self.chunk_rows * self.n_columns * np.dtype(self.dtype).itemsize
 
     def is_complete(self) -> bool:
         """Whether the chunk file exists with the size of a full chunk."""
@@ -165,7 +183,7 @@ class StoredBlock:
                 f"kernel store {self.store}: chunk {self.array}/{self.chunk} (rows {self.start}:{self.stop}) has "
                 f"{size} bytes, expected {self.nbytes} (truncated or foreign file)"
             )
-        mapped = np.memmap(self.file, dtype="<f4", mode="r", shape=(self.chunk_rows, self.n_columns))
+        mapped = np.memmap(self.file, dtype=self.dtype, mode="r", shape=(self.chunk_rows, self.n_columns))
         return mapped[: self.stop - self.start]
 
     def write(self, values: np.ndarray) -> None:
@@ -175,7 +193,7 @@ class StoredBlock:
             raise ValueError(f"block of shape {values.shape}, expected {(rows, self.n_columns)}")
         self.file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.file.with_name(f".{self.file.name}.partial-{uuid.uuid4().hex[:8]}")
-        padded = np.zeros((self.chunk_rows, self.n_columns), dtype="<f4")
+        padded = np.zeros((self.chunk_rows, self.n_columns), dtype=self.dtype)
         padded[:rows] = values
         try:
             with open(tmp, "wb") as handle:
@@ -189,6 +207,44 @@ class StoredBlock:
         self.file.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class StoredHalfBlock:
+    """One row block of a 16-bit kernel on disk: its bits chunk and its row-scale chunk.
+
+    Attributes
+    ----------
+    bits : StoredBlock
+        The uint16 chunk of ``kernel.zarr``.
+    log_scale : StoredBlock
+        The ``(rows, 1)`` float64 chunk of ``kernel_log_scale.zarr``.
+    dtype : {"float16", "bfloat16"}
+    """
+
+    bits: StoredBlock
+    log_scale: StoredBlock
+    dtype: str
+
+    def is_complete(self) -> bool:
+        """Whether both chunk files exist with their full sizes."""
+        return self.log_scale.is_complete() and self.bits.is_complete()
+
+    def load(self) -> HalfRows:
+        """The block's rows, memory-mapped read-only (see :meth:`StoredBlock.load`)."""
+        return HalfRows(self.bits.load(), np.asarray(self.log_scale.load()[:, 0]), self.dtype)
+
+    def write(self, rows: HalfRows) -> None:
+        """Write the scales, then the bits, each atomically (a retry writes the same bytes)."""
+        if rows.dtype != self.dtype:
+            raise ValueError(f"{rows.dtype} rows for a {self.dtype} kernel store")
+        self.log_scale.write(np.asarray(rows.log_scale, np.float64)[:, None])
+        self.bits.write(rows.bits)
+
+    def remove(self) -> None:
+        """Delete both chunk files (idempotent)."""
+        self.bits.remove()
+        self.log_scale.remove()
+
+
 class KernelStore:
     """A directory holding the cost and kernel arrays of one run.
 
@@ -200,17 +256,27 @@ class KernelStore:
         ``(n_cells, n_spots)``.
     bounds : array of int
         Row offsets of the blocks; every block but the last has ``chunk_rows`` rows.
+    kernel_dtype : {"float32", "float16", "bfloat16"}
+        Format of the kernel's entries.
     """
 
-    def __init__(self, root: Path, shape: tuple[int, int], bounds: np.ndarray) -> None:
+    def __init__(self, root: Path, shape: tuple[int, int], bounds: np.ndarray, kernel_dtype: str = "float32") -> None:
         self.root = root
         self.shape = (int(shape[0]), int(shape[1]))
         self.bounds = np.asarray(bounds, dtype=np.int64)
         self.chunk_rows = int(self.bounds[1] - self.bounds[0]) if len(self.bounds) > 1 else 1
+        self.kernel_dtype = kernel_dtype
+
+    @property
+    def arrays(self) -> dict[str, tuple[str, int]]:
+        """The store's arrays: name -> (NumPy dtype name, columns)."""
+        if self.kernel_dtype in HALF_DTYPES:
+            return {KERNEL_ARRAY: ("uint16", self.shape[1]), SCALE_ARRAY: ("float64", 1)}
+        return {COST_ARRAY: ("float32", self.shape[1]), KERNEL_ARRAY: ("float32", self.shape[1])}
 
     @classmethod
     def create(cls, parent: Path | None, shape: tuple[int, int], bounds: np.ndarray, *,
-               checkpoint: str | None = None) -> KernelStore:
+               checkpoint: str | None = None, kernel_dtype: str = "float32") -> KernelStore:
         """Make a new store under ``parent`` (the system's temporary directory by default).
 
         Stale stores of dead runs under ``parent`` are removed first.  With ``checkpoint`` the
@@ -221,7 +287,7 @@ class KernelStore:
         parent = parent or Path(tempfile.gettempdir())
         parent.mkdir(parents=True, exist_ok=True)
         sweep_stale_stores(parent)
-        check_free_space(parent, shape[0] * shape[1] * 4)
+        check_free_space(parent, store_bytes(shape, kernel_dtype))
         if checkpoint is not None:
             root = parent / checkpoint_store_name(checkpoint)
             shutil.rmtree(root, ignore_errors=True)
@@ -230,8 +296,8 @@ class KernelStore:
             root = parent / f"{STORE_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             root.mkdir()
         _write_json(root / OWNER_FILE, _owner_record(checkpoint))
-        store = cls(root, shape, bounds)
-        for name in (COST_ARRAY, KERNEL_ARRAY):
+        store = cls(root, shape, bounds, kernel_dtype)
+        for name in store.arrays:
             store._create_array(name)
         return store
 
@@ -251,10 +317,13 @@ class KernelStore:
         if manifest.get("fingerprint") != fingerprint:
             log.info("kernel store %s is for another problem; rebuilding it", root)
             return None
-        store = cls(root, tuple(manifest["shape"]), np.asarray(manifest["bounds"]))
-        array = KERNEL_ARRAY if not manifest["log_domain"] else COST_ARRAY
-        store.check_layout(array)
-        incomplete = [b for b in store.blocks(array) if not b.is_complete()]
+        store = cls(root, tuple(manifest["shape"]), np.asarray(manifest["bounds"]),
+                    manifest.get("kernel_dtype", "float32"))
+        arrays = [COST_ARRAY] if manifest["log_domain"] else [name for name in store.arrays if name != COST_ARRAY]
+        for name in arrays:
+            store.check_layout(name)
+        blocks = store.blocks(COST_ARRAY) if manifest["log_domain"] else store.kernel_blocks()
+        incomplete = [b for b in blocks if not b.is_complete()]
         if incomplete:
             log.warning("kernel store %s lacks %d chunk(s); rebuilding it", root, len(incomplete))
             return None
@@ -264,12 +333,13 @@ class KernelStore:
     def _create_array(self, name: str) -> None:
         import zarr
 
-        zarr.create_array(str(self.root / name), shape=self.shape, chunks=(self.chunk_rows, self.shape[1]),
-                          dtype="float32", compressors=None, filters=None, fill_value=0.0, overwrite=True)
+        dtype, columns = self.arrays[name]
+        zarr.create_array(str(self.root / name), shape=(self.shape[0], columns), chunks=(self.chunk_rows, columns),
+                          dtype=dtype, compressors=None, filters=None, fill_value=0, overwrite=True)
         self.check_layout(name)
 
     def check_layout(self, name: str) -> None:
-        """Check that an array stores raw little-endian float32 chunks of the blocks' shape.
+        """Check that an array stores raw little-endian chunks of the blocks' shape and the expected dtype.
 
         Raises
         ------
@@ -281,6 +351,7 @@ class KernelStore:
         from zarr.codecs import BytesCodec
 
         path = self.root / name
+        dtype, columns = self.arrays.get(name, ("float32", self.shape[1]))
         try:
             array = zarr.open_array(str(path), mode="r")
         except Exception as exc:  # noqa: BLE001 - any failure to open means a damaged store
@@ -290,25 +361,35 @@ class KernelStore:
         plain = (len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
                  and getattr(codecs[0].endian, "value", codecs[0].endian) == "little")
         chunk_shape = tuple(getattr(meta.chunk_grid, "chunk_shape", ()))
-        if not plain or str(array.dtype) != "float32" or chunk_shape != (self.chunk_rows, self.shape[1]) \
-                or tuple(array.shape) != self.shape:
+        if not plain or str(array.dtype) != dtype or chunk_shape != (self.chunk_rows, columns) \
+                or tuple(array.shape) != (self.shape[0], columns):
             raise KernelStoreError(
                 f"kernel store {self.root}/{name} has codecs {codecs}, dtype {array.dtype}, chunks {chunk_shape}, "
-                f"shape {array.shape}; expected uncompressed little-endian float32 chunks of "
-                f"{(self.chunk_rows, self.shape[1])} and shape {self.shape}"
+                f"shape {array.shape}; expected uncompressed little-endian {dtype} chunks of "
+                f"{(self.chunk_rows, columns)} and shape {(self.shape[0], columns)}"
             )
 
     def blocks(self, name: str) -> list[StoredBlock]:
         """One :class:`StoredBlock` per row block of array ``name``."""
         import zarr
 
+        dtype, columns = self.arrays[name]
         encode = zarr.open_array(str(self.root / name), mode="r").metadata.chunk_key_encoding.encode_chunk_key
-        return [StoredBlock(str(self.root), name, encode((i, 0)), int(a), int(b), self.chunk_rows, self.shape[1])
+        little = np.dtype(dtype).newbyteorder("<").str
+        return [StoredBlock(str(self.root), name, encode((i, 0)), int(a), int(b), self.chunk_rows, columns, little)
                 for i, (a, b) in enumerate(zip(self.bounds[:-1], self.bounds[1:]))]
+
+    def kernel_blocks(self) -> list[StoredBlock] | list[StoredHalfBlock]:
+        """The kernel's row blocks: float32 chunks, or 16-bit chunks with their row scales."""
+        if self.kernel_dtype not in HALF_DTYPES:
+            return self.blocks(KERNEL_ARRAY)
+        return [StoredHalfBlock(bits, scale, self.kernel_dtype)
+                for bits, scale in zip(self.blocks(KERNEL_ARRAY), self.blocks(SCALE_ARRAY))]
 
     def mark_complete(self, manifest: dict[str, Any]) -> None:
         """Record that the kernel is complete (for reuse by a resumed run)."""
-        record = dict(manifest, shape=list(self.shape), bounds=self.bounds.tolist(), completed=time.time())
+        record = dict(manifest, shape=list(self.shape), bounds=self.bounds.tolist(), kernel_dtype=self.kernel_dtype,
+                      completed=time.time())
         _write_json(self.root / MANIFEST_FILE, record)
 
     def remove(self) -> None:
