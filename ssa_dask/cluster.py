@@ -133,20 +133,25 @@ class Executor:
         cluster (computed from the graph, so a lost block is recomputed from lineage).
 
         On a cluster the blocks are spread evenly over the workers' threads, in contiguous runs
-        (:func:`block_workers`), so that every worker sweeps as many rows per iteration.  The
-        placement is a loose restriction: a block whose worker is lost is recomputed elsewhere.
+        (:func:`block_workers`), so that every worker sweeps as many rows per iteration (the
+        scheduler alone leaves some workers a few blocks more, which every iteration waits for).
+        The placement is a loose restriction: a block whose worker is lost is recomputed elsewhere.
         """
         delayed_blocks = list(array.to_delayed().ravel())
         if self.client is None:
             return list(self.compute(*delayed_blocks, label=label))
-        owners = block_workers(len(delayed_blocks), self.client.nthreads())
-        futures: list[Any] = [None] * len(delayed_blocks)
-        for worker in dict.fromkeys(owners):
-            indices = [i for i, owner in enumerate(owners) if owner == worker]
-            placed = self.client.compute([delayed_blocks[i] for i in indices], workers=[worker],
-                                         allow_other_workers=True)
-            for index, future in zip(indices, placed):
-                futures[index] = future
+        nthreads = self.client.nthreads()
+        if not nthreads:  # workers still starting (an adaptive cluster): wherever they come up
+            futures = self.client.compute(delayed_blocks)
+        else:
+            futures = [None] * len(delayed_blocks)
+            owners = block_workers(len(delayed_blocks), nthreads)
+            for worker in dict.fromkeys(owners):
+                indices = [i for i, owner in enumerate(owners) if owner == worker]
+                placed = self.client.compute([delayed_blocks[i] for i in indices], workers=[worker],
+                                             allow_other_workers=True)
+                for index, future in zip(indices, placed):
+                    futures[index] = future
         if self.progress and label is not None:
             _track_futures(futures, label)
         from distributed import wait
