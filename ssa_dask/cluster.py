@@ -42,8 +42,10 @@ class _Bundle(list):
 
 @sizeof.register(_Bundle)
 def _sizeof_bundle(bundle: _Bundle) -> int:
-    # The values are counted under their own keys, which stay held while the bundle exists.
-    return sys.getsizeof(bundle)
+    """As much as its largest value: the values are counted in a worker's memory under their own
+    keys, which stay held while the bundle exists, but the scheduler must still see a bundle as
+    costly to move, so that a task runs where its bundle is."""
+    return max(map(sizeof, bundle), default=0) + sys.getsizeof(bundle)
 
 
 def _bundle(*values: Any) -> _Bundle:
