@@ -157,8 +157,8 @@ def distributed_run(n_workers: int, args, p, q, local_kernel: Kernel) -> dict:
                   run_sinkhorn(kernel, p_blocks, q, args.iters, 0, executor)) for _ in range(args.repeat + 1)]
         local_executor.close()
         per_iter = min(per_iter, *(there for _, there in pairs))
-        here = psutil.Process()
-        processes = [here, *here.children(recursive=True)]  # scheduler and client here; workers, nannies
+        this_process = psutil.Process()
+        processes = [this_process, *this_process.children(recursive=True)]  # scheduler and client here; workers, nannies
         cpu_before = [_cpu_seconds(process) for process in processes]
         with get_task_stream(client) as ts:
             t0 = time.perf_counter()
