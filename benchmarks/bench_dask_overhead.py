@@ -22,8 +22,9 @@ before it, in the same process, and the overhead is the median over ``--repeat +
 (distributed - local) seconds per iteration.  ``sweep tasks/iter`` counts the per-iteration tasks
 in the scheduler's task stream (it should be the number of worker threads).  Since wall times
 on a shared machine mostly measure the other jobs, the CPU time that Dask itself spends per
-iteration is reported too: in this process (scheduler and client), and in the worker and nanny
-processes (the sweeps included, which cost the same CPU time however they are scheduled).
+iteration is reported too: in the event-loop thread that runs the LocalCluster's scheduler and
+the client (this process), and in the worker and nanny processes (the sweeps included, which cost
+the same CPU time however they are scheduled).
 
 Usage::
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -157,14 +159,15 @@ def distributed_run(n_workers: int, args, p, q, local_kernel: Kernel) -> dict:
                   run_sinkhorn(kernel, p_blocks, q, args.iters, 0, executor)) for _ in range(args.repeat + 1)]
         local_executor.close()
         per_iter = min(per_iter, *(there for _, there in pairs))
-        this_process = psutil.Process()
-        processes = [this_process, *this_process.children(recursive=True)]  # scheduler and client here; workers, nannies
-        cpu_before = [_cpu_seconds(process) for process in processes]
+        loop_thread = client.run_on_scheduler(_native_thread_id)  # the scheduler's and the client's event loop
+        workers = psutil.Process().children(recursive=True)  # workers and nannies
+        loop_before, workers_before = _thread_cpu_seconds(loop_thread), sum(map(_cpu_seconds, workers))
         with get_task_stream(client) as ts:
             t0 = time.perf_counter()
             per_iter = min(per_iter, run_sinkhorn(kernel, p_blocks, q, args.iters, 0, executor))
             wall = time.perf_counter() - t0
-        cpu = [_cpu_seconds(process) - before for process, before in zip(processes, cpu_before)]
+        loop_cpu = _thread_cpu_seconds(loop_thread) - loop_before
+        workers_cpu = sum(map(_cpu_seconds, workers)) - workers_before
         compute = sum(ss["stop"] - ss["start"] for task in ts.data for ss in task["startstops"]
                       if ss["action"] == "compute")
         transfer = sum(ss["stop"] - ss["start"] for task in ts.data for ss in task["startstops"]
@@ -178,14 +181,23 @@ def distributed_run(n_workers: int, args, p, q, local_kernel: Kernel) -> dict:
                 "sweep_tasks_per_iter": sweeps / args.iters,
                 "paired_s_per_iter": [{"local": here, "distributed": there} for here, there in pairs],
                 "overhead_vs_local_s": overhead,
-                "scheduler_client_cpu_s_per_iter": cpu[0] / args.iters,
-                "workers_cpu_s_per_iter": sum(cpu[1:]) / args.iters,
+                "scheduler_client_cpu_s_per_iter": loop_cpu / args.iters,
+                "workers_cpu_s_per_iter": workers_cpu / args.iters,
                 "compute_share": compute / (wall * n_workers * threads)}
 
 
 def _cpu_seconds(process: psutil.Process) -> float:
     times = process.cpu_times()
     return times.user + times.system
+
+
+def _native_thread_id() -> int:
+    return threading.get_native_id()
+
+
+def _thread_cpu_seconds(native_id: int) -> float:
+    """CPU seconds of one thread of this process (the event loop that runs the scheduler and client)."""
+    return next(t.user_time + t.system_time for t in psutil.Process().threads() if t.id == native_id)
 
 
 def main() -> None:
