@@ -9,29 +9,42 @@ The same kernel blocks (``cells x spots`` float32, ``block_rows`` rows each) are
 * **Dask threads scheduler**: the same per-block function as one Dask graph per iteration,
   ``dask.compute(..., scheduler="threads")``;
 * **distributed**: ssa_dask's Sinkhorn loop on a ``LocalCluster`` with 1, 2 and 4 worker
-  processes (``Executor(client)``: one ``client.map`` task per block per iteration), blocks
-  generated and held on the workers.
+  processes (``Executor(client)``: one ``client.map`` task per worker thread per iteration),
+  blocks generated and held on the workers.
 
 For distributed runs, the task stream gives each task's compute time; ``compute share`` =
 summed compute time / (wall time x threads), and ``overhead/iter`` = wall per iteration minus the
 no-Dask time per iteration.
 
+**Overhead over the local executor** (issue 13's measure, target ``TARGET_MS``): the machine is
+shared, so each distributed run is paired with a local-executor run of the same iterations just
+before it, in the same process, and the overhead is the median over ``--repeat + 1`` pairs of
+(distributed - local) seconds per iteration.  ``sweep tasks/iter`` counts the per-iteration tasks
+in the scheduler's task stream (it should be the number of worker threads).  Since wall times
+on a shared machine mostly measure the other jobs, the CPU time that Dask itself spends per
+iteration is reported too: in the event-loop thread that runs the LocalCluster's scheduler and
+the client (this process), and in the worker and nanny processes (the sweeps included, which cost
+the same CPU time however they are scheduled).
+
 Usage::
 
     python benchmarks/bench_dask_overhead.py                       # 50,000 x 3,600, 4,096-row blocks
     python benchmarks/bench_dask_overhead.py --cells 20000 --workers 1 2 --block-rows 2048
+    python benchmarks/bench_dask_overhead.py --cells 200000 --spots 4000 --workers 2 --name dask_overhead_200k
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import dask.array as da
 import numpy as np
+import psutil
 
 from _common import PeakMemory, loadavg, print_table, write_result
 from ssa_dask import _kernels
@@ -44,6 +57,8 @@ from ssa_dask.kernel_storage import MemoryBlocks
 from ssa_dask.sinkhorn import sinkhorn
 
 EPS = 0.05
+#: Issue 13's target: distributed seconds per iteration at most this many ms above the local executor's.
+TARGET_MS = 15.0
 
 
 def _block(block_id: int, rows: int, n_spots: int, seed: int) -> np.ndarray:
@@ -127,7 +142,7 @@ def no_dask(blocks: list[np.ndarray], p: np.ndarray, q: np.ndarray, iters: int, 
     return best
 
 
-def distributed_run(n_workers: int, args, p, q) -> dict:
+def distributed_run(n_workers: int, args, p, q, local_kernel: Kernel) -> dict:
     from distributed import Client, LocalCluster, get_task_stream
 
     cores = os.cpu_count() or 1
@@ -137,20 +152,52 @@ def distributed_run(n_workers: int, args, p, q) -> dict:
         executor = Executor(client)
         blocks = executor.materialize_blocks(lazy_blocks(args.cells, args.spots, args.block_rows, args.seed))
         kernel = make_kernel(blocks, args.block_rows, args.cells, args.spots)
-        per_iter = run_sinkhorn(kernel, p, q, args.iters, 0, executor)  # warm-up inside (repeat + 1 = 1 run)
+        p_blocks = kernel.row_vector(p, executor)  # held on the workers once, as align does
+        per_iter = run_sinkhorn(kernel, p_blocks, q, args.iters, 0, executor)  # warm-up inside (repeat + 1 = 1 run)
+        local_executor = Executor()
+        pairs = [(run_sinkhorn(local_kernel, p, q, args.iters, 0, local_executor),
+                  run_sinkhorn(kernel, p_blocks, q, args.iters, 0, executor)) for _ in range(args.repeat + 1)]
+        local_executor.close()
+        per_iter = min(per_iter, *(there for _, there in pairs))
+        loop_thread = client.run_on_scheduler(_native_thread_id)  # the scheduler's and the client's event loop
+        workers = psutil.Process().children(recursive=True)  # workers and nannies
+        loop_before, workers_before = _thread_cpu_seconds(loop_thread), sum(map(_cpu_seconds, workers))
         with get_task_stream(client) as ts:
             t0 = time.perf_counter()
-            per_iter = min(per_iter, run_sinkhorn(kernel, p, q, args.iters, 0, executor))
+            per_iter = min(per_iter, run_sinkhorn(kernel, p_blocks, q, args.iters, 0, executor))
             wall = time.perf_counter() - t0
+        loop_cpu = _thread_cpu_seconds(loop_thread) - loop_before
+        workers_cpu = sum(map(_cpu_seconds, workers)) - workers_before
         compute = sum(ss["stop"] - ss["start"] for task in ts.data for ss in task["startstops"]
                       if ss["action"] == "compute")
         transfer = sum(ss["stop"] - ss["start"] for task in ts.data for ss in task["startstops"]
                        if ss["action"] == "transfer")
         n_tasks = len(ts.data)
+        sweeps = sum("_run_group" in str(task["key"]) for task in ts.data)
+        overhead = float(np.median([there - here for here, there in pairs]))
         return {"workers": n_workers, "threads_per_worker": threads, "per_iter_s": per_iter, "stream_wall_s": wall,
                 "task_compute_s": compute, "task_transfer_s": transfer, "tasks": n_tasks,
                 "tasks_per_iter": n_tasks / args.iters,  # the recorded window holds one sinkhorn call
+                "sweep_tasks_per_iter": sweeps / args.iters,
+                "paired_s_per_iter": [{"local": here, "distributed": there} for here, there in pairs],
+                "overhead_vs_local_s": overhead,
+                "scheduler_client_cpu_s_per_iter": loop_cpu / args.iters,
+                "workers_cpu_s_per_iter": workers_cpu / args.iters,
                 "compute_share": compute / (wall * n_workers * threads)}
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def _native_thread_id() -> int:
+    return threading.get_native_id()
+
+
+def _thread_cpu_seconds(native_id: int) -> float:
+    """CPU seconds of one thread of this process (the event loop that runs the scheduler and client)."""
+    return next(t.user_time + t.system_time for t in psutil.Process().threads() if t.id == native_id)
 
 
 def main() -> None:
@@ -173,12 +220,12 @@ def main() -> None:
         local = [np.asarray(b) for b in __import__("dask").compute(*lazy.to_delayed().ravel(), scheduler="threads")]
         floor = no_dask(local, p, q, args.iters, args.repeat, threads)
         executor = Executor()
-        local_exec = run_sinkhorn(make_kernel(local, args.block_rows, args.cells, args.spots), p, q, args.iters,
-                                  args.repeat, executor)
+        local_kernel = make_kernel(local, args.block_rows, args.cells, args.spots)
+        local_exec = run_sinkhorn(local_kernel, p, q, args.iters, args.repeat, executor)
         executor.close()
         thr = dask_threads(local, p, q, args.iters, args.repeat)
-        del local
-        dist = [distributed_run(w, args, p, q) for w in args.workers]
+        dist = [distributed_run(w, args, p, q, local_kernel) for w in args.workers]
+        del local, local_kernel
 
     n_blocks = -(-args.cells // args.block_rows)
     rows = [["no Dask (ThreadPool, Numba sweep)", threads, floor * 1e3, 0.0, 1.0, "-"],
@@ -193,10 +240,21 @@ def main() -> None:
           f"of {args.block_rows} rows, {threads} cores, load {load_before}")
     print_table("Seconds per Sinkhorn iteration", ["executor", "threads", "ms/iter", "overhead ms/iter", "x no-Dask",
                                                    "compute share"], rows)
+    print_table(f"Distributed overhead over the local executor (median of {args.repeat + 1} paired runs; "
+                f"target <= {TARGET_MS:g} ms)", ["executor", "local ms/iter", "distributed ms/iter",
+                                                  "overhead ms/iter", "target met", "sweep tasks/iter",
+                                                  "scheduler+client CPU ms/iter", "workers CPU ms/iter"],
+                [[f"{d['workers']} worker(s) x {d['threads_per_worker']} thread(s)",
+                  np.median([pair["local"] for pair in d["paired_s_per_iter"]]) * 1e3,
+                  np.median([pair["distributed"] for pair in d["paired_s_per_iter"]]) * 1e3,
+                  d["overhead_vs_local_s"] * 1e3, "yes" if d["overhead_vs_local_s"] * 1e3 <= TARGET_MS else "no",
+                  f"{d['sweep_tasks_per_iter']:g}", d["scheduler_client_cpu_s_per_iter"] * 1e3,
+                  d["workers_cpu_s_per_iter"] * 1e3] for d in dist])
     print(f"peak RSS (this process; workers are separate processes) {mem.peak_gib:.2f} GiB")
     write_result(args.name, {"args": vars(args), "n_blocks": n_blocks, "no_dask_s": floor,
                              "local_executor_s": local_exec, "dask_threads_s": thr,
-                             "distributed": dist, "peak_rss_gib": mem.peak_gib}, load_before)
+                             "distributed": dist, "target_overhead_ms": TARGET_MS, "peak_rss_gib": mem.peak_gib},
+                 load_before)
 
 
 if __name__ == "__main__":

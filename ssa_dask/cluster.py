@@ -11,15 +11,19 @@ import contextlib
 import logging
 import re
 import signal
+import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import dask
+import numpy as np
 import psutil
 from dask.callbacks import Callback
+from dask.sizeof import sizeof
 
 from ssa_dask.errors import SSAClusterError, SSAInputError
 
@@ -28,6 +32,24 @@ log = logging.getLogger(__name__)
 #: Names accepted by :func:`connect` besides a scheduler address or a ``distributed.Client``.
 SCHEDULERS = ("threads", "local", "slurm", "kubernetes")
 _ADDRESS = re.compile(r"^([a-z]+://[^\s]+|[A-Za-z0-9.\-]+:\d+)$")
+
+
+class _Bundle(list):
+    """The values of several futures held as one value on a worker, so that a task that takes them
+    all has one dependency instead of one per future (the scheduler and worker work per iteration
+    grows with the number of dependencies)."""
+
+
+@sizeof.register(_Bundle)
+def _sizeof_bundle(bundle: _Bundle) -> int:
+    """As much as its largest value: the values are counted in a worker's memory under their own
+    keys, which stay held while the bundle exists, but the scheduler must still see a bundle as
+    costly to move, so that a task runs where its bundle is."""
+    return max(map(sizeof, bundle), default=0) + sys.getsizeof(bundle)
+
+
+def _bundle(*values: Any) -> _Bundle:
+    return _Bundle(values)
 
 
 class Executor:
@@ -45,18 +67,21 @@ class Executor:
         self.client = client
         self.progress = progress
         self._pool: ThreadPoolExecutor | None = None
+        self._bundles: dict[tuple[Any, ...], Any] = {}
 
     def map(self, func: Callable[..., Any], *iterables: Sequence[Any], label: str | None = None,
             **kwargs: Any) -> list[Any]:
         """Apply ``func`` to each set of block handles in parallel; return results in order.
 
         Handles are NumPy arrays or small descriptors (local threads) or ``distributed`` futures,
-        which each task receives resolved.  One task per block, no graph building: the per-call
-        overhead is about a millisecond per task on a cluster and microseconds locally.  With
-        ``label`` (and ``progress``), a bar counts the finished tasks.
+        which each task receives resolved.  One task per element, no graph building: the per-call
+        overhead is about a millisecond per task on a cluster and microseconds locally.  On a
+        cluster, an element that is a list of futures reaches its task as one dependency (see
+        :meth:`_one_dependency`).  With ``label`` (and ``progress``), a bar counts the finished tasks.
         """
         show = self.progress and label is not None
         if self.client is not None:
+            iterables = tuple([self._one_dependency(item) for item in iterable] for iterable in iterables)
             futures = self.client.map(func, *iterables, pure=False, **kwargs)
             if show:
                 _track_futures(futures, label)
@@ -74,6 +99,26 @@ class Executor:
                 bar.advance(task)
         return collected
 
+    def _one_dependency(self, item: Any) -> Any:
+        """A list of several futures as one future holding their values (a list), else ``item``.
+
+        Made once per list of keys, on the worker that holds most of them, and released when the
+        first of the given futures is: a repeated call (a Sinkhorn iteration) then costs the
+        scheduler and the worker one dependency per task instead of one per block.  A lost bundle
+        is recomputed from its futures, which are recomputed from their graph.
+        """
+        from distributed import Future
+
+        if not isinstance(item, list) or len(item) < 2 or not all(isinstance(value, Future) for value in item):
+            return item
+        keys = tuple(value.key for value in item)
+        bundle = self._bundles.get(keys)
+        if bundle is None:
+            bundle = self._bundles[keys] = self.client.submit(_bundle, *item, pure=False)
+            for value in item:
+                weakref.finalize(value, self._bundles.pop, keys, None)
+        return bundle
+
     def submit_map(self, func: Callable[..., Any], *iterables: Sequence[Any], **kwargs: Any) -> list[Any]:
         """Like :meth:`map` but keeps the results where they are: futures on a cluster (held in
         worker memory, recomputable from lineage; returned once computed), values locally."""
@@ -87,11 +132,28 @@ class Executor:
 
     def materialize_blocks(self, array: Any, label: str | None = None) -> list[Any]:
         """The row blocks of a Dask array, computed and held: NumPy arrays locally, futures on a
-        cluster (computed from the graph, so a lost block is recomputed from lineage)."""
+        cluster (computed from the graph, so a lost block is recomputed from lineage).
+
+        On a cluster the blocks are spread evenly over the workers' threads, in contiguous runs
+        (:func:`block_workers`), so that every worker sweeps as many rows per iteration (the
+        scheduler alone leaves some workers a few blocks more, which every iteration waits for).
+        The placement is a loose restriction: a block whose worker is lost is recomputed elsewhere.
+        """
         delayed_blocks = list(array.to_delayed().ravel())
         if self.client is None:
             return list(self.compute(*delayed_blocks, label=label))
-        futures = self.client.compute(delayed_blocks)
+        nthreads = self.client.nthreads()
+        if not nthreads:  # workers still starting (an adaptive cluster): wherever they come up
+            futures = self.client.compute(delayed_blocks)
+        else:
+            futures = [None] * len(delayed_blocks)
+            owners = block_workers(len(delayed_blocks), nthreads)
+            for worker in dict.fromkeys(owners):
+                indices = [i for i, owner in enumerate(owners) if owner == worker]
+                placed = self.client.compute([delayed_blocks[i] for i in indices], workers=[worker],
+                                             allow_other_workers=True)
+                for index, future in zip(indices, placed):
+                    futures[index] = future
         if self.progress and label is not None:
             _track_futures(futures, label)
         from distributed import wait
@@ -100,7 +162,8 @@ class Executor:
         return futures
 
     def close(self) -> None:
-        """Stop the local thread pool."""
+        """Stop the local thread pool and release the bundles of :meth:`map`."""
+        self._bundles.clear()
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
@@ -134,6 +197,25 @@ class Executor:
             return tuple(self.client.gather(futures))
         with _RichProgress(label) if show else contextlib.nullcontext():
             return dask.compute(*collections, scheduler="threads")
+
+
+def block_workers(n_blocks: int, nthreads: dict[str, int]) -> list[str]:
+    """The worker of each of ``n_blocks`` row blocks: contiguous runs, as many blocks per thread.
+
+    Workers are taken in address order; each gets ``n_blocks * threads / total threads`` blocks,
+    rounded so that the runs differ by at most one block per thread.
+
+    Raises
+    ------
+    SSAClusterError
+        The cluster has no worker.
+    """
+    workers = sorted(nthreads)
+    if not workers:
+        raise SSAClusterError("the Dask cluster has no worker to hold the kernel blocks")
+    slots = [worker for worker in workers for _ in range(max(1, nthreads[worker]))]
+    runs = np.array_split(np.arange(n_blocks), len(slots))
+    return [slot for slot, run in zip(slots, runs) for _ in run]
 
 
 def _progress_bar() -> Any:
