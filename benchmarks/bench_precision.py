@@ -1,7 +1,7 @@
 """Assignments with a float16 / bfloat16 kernel against float32, on the shared slides and synthetic data.
 
 Protocol (the paper's semi-simulation, as ``ssa-dask benchmark``): a single-cell-resolution slide
-is cut into grid spots (``ssa_dask.simulate.bin_to_spots``) and a seeded half of its cells is the
+is cut into grid spots (``ssa_dask.evaluation.simulate.bin_to_spots``) and a seeded half of its cells is the
 scRNA set (``sample_replicates(fraction=0.5)``).  ``ssa_dask.align`` runs with its defaults
 (``lam = 0.05``, tol 1e-6) once per kernel dtype, in memory, and each 16-bit run is compared with
 the float32 run: the share of cells whose spot changed (target: at most 0.05 %), the spot accuracy
@@ -33,8 +33,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def split(adata: Any, spot_size: float | None, n_spots: int | None, log1p: bool, seed: int) -> tuple[Any, Any, np.ndarray]:
     """Spots of the whole slide, a seeded half of the cells, and those cells' true spots."""
-    from ssa_dask.benchmark import common_cell_filter
-    from ssa_dask.simulate import bin_to_spots, sample_replicates
+    from ssa_dask.evaluation.run import common_cell_filter
+    from ssa_dask.evaluation.simulate import bin_to_spots, sample_replicates
 
     adata.var_names = adata.var_names.astype(str)
     adata, _ = common_cell_filter(adata)
@@ -80,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     import anndata as ad
 
-    from ssa_dask.simulate import synthetic_tissue
+    from ssa_dask.evaluation.simulate import synthetic_tissue
 
     load_before = loadavg()
     records = {}

@@ -11,9 +11,7 @@ import contextlib
 import logging
 import re
 import signal
-import sys
 import threading
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +21,6 @@ import dask
 import numpy as np
 import psutil
 from dask.callbacks import Callback
-from dask.sizeof import sizeof
 
 from ssa_dask.errors import SSAClusterError, SSAInputError
 
@@ -32,24 +29,6 @@ log = logging.getLogger(__name__)
 #: Names accepted by :func:`connect` besides a scheduler address or a ``distributed.Client``.
 SCHEDULERS = ("threads", "local", "slurm", "kubernetes")
 _ADDRESS = re.compile(r"^([a-z]+://[^\s]+|[A-Za-z0-9.\-]+:\d+)$")
-
-
-class _Bundle(list):
-    """The values of several futures held as one value on a worker, so that a task that takes them
-    all has one dependency instead of one per future (the scheduler and worker work per iteration
-    grows with the number of dependencies)."""
-
-
-@sizeof.register(_Bundle)
-def _sizeof_bundle(bundle: _Bundle) -> int:
-    """As much as its largest value: the values are counted in a worker's memory under their own
-    keys, which stay held while the bundle exists, but the scheduler must still see a bundle as
-    costly to move, so that a task runs where its bundle is."""
-    return max(map(sizeof, bundle), default=0) + sys.getsizeof(bundle)
-
-
-def _bundle(*values: Any) -> _Bundle:
-    return _Bundle(values)
 
 
 class Executor:
@@ -67,7 +46,6 @@ class Executor:
         self.client = client
         self.progress = progress
         self._pool: ThreadPoolExecutor | None = None
-        self._bundles: dict[tuple[Any, ...], Any] = {}
 
     def map(self, func: Callable[..., Any], *iterables: Sequence[Any], label: str | None = None,
             **kwargs: Any) -> list[Any]:
@@ -75,13 +53,11 @@ class Executor:
 
         Handles are NumPy arrays or small descriptors (local threads) or ``distributed`` futures,
         which each task receives resolved.  One task per element, no graph building: the per-call
-        overhead is about a millisecond per task on a cluster and microseconds locally.  On a
-        cluster, an element that is a list of futures reaches its task as one dependency (see
-        :meth:`_one_dependency`).  With ``label`` (and ``progress``), a bar counts the finished tasks.
+        overhead is about a millisecond per task on a cluster and microseconds locally.  With
+        ``label`` (and ``progress``), a bar counts the finished tasks.
         """
         show = self.progress and label is not None
         if self.client is not None:
-            iterables = tuple([self._one_dependency(item) for item in iterable] for iterable in iterables)
             futures = self.client.map(func, *iterables, pure=False, **kwargs)
             if show:
                 _track_futures(futures, label)
@@ -98,26 +74,6 @@ class Executor:
                 collected.append(result)
                 bar.advance(task)
         return collected
-
-    def _one_dependency(self, item: Any) -> Any:
-        """A list of several futures as one future holding their values (a list), else ``item``.
-
-        Made once per list of keys, on the worker that holds most of them, and released when the
-        first of the given futures is: a repeated call (a Sinkhorn iteration) then costs the
-        scheduler and the worker one dependency per task instead of one per block.  A lost bundle
-        is recomputed from its futures, which are recomputed from their graph.
-        """
-        from distributed import Future
-
-        if not isinstance(item, list) or len(item) < 2 or not all(isinstance(value, Future) for value in item):
-            return item
-        keys = tuple(value.key for value in item)
-        bundle = self._bundles.get(keys)
-        if bundle is None:
-            bundle = self._bundles[keys] = self.client.submit(_bundle, *item, pure=False)
-            for value in item:
-                weakref.finalize(value, self._bundles.pop, keys, None)
-        return bundle
 
     def submit_map(self, func: Callable[..., Any], *iterables: Sequence[Any], **kwargs: Any) -> list[Any]:
         """Like :meth:`map` but keeps the results where they are: futures on a cluster (held in
@@ -162,8 +118,7 @@ class Executor:
         return futures
 
     def close(self) -> None:
-        """Stop the local thread pool and release the bundles of :meth:`map`."""
-        self._bundles.clear()
+        """Stop the local thread pool."""
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None

@@ -1,10 +1,7 @@
 """Distributed Sinkhorn iterations with little scheduling: one task per worker thread per iteration,
-one dependency per list of blocks, and blocks spread evenly over the workers (issue 13)."""
+and blocks spread evenly over the workers (issue 13)."""
 
 from __future__ import annotations
-
-import gc
-import time
 
 import numpy as np
 import pytest
@@ -53,7 +50,7 @@ def test_sinkhorn_on_a_cluster_runs_one_task_per_thread_per_iteration(cluster_cl
     nthreads = cluster_client.nthreads()
     assert [who_has[block.key][0] for block in kernel.blocks] == block_workers(len(kernel.blocks), nthreads)
     p_blocks = kernel.row_vector(p, executor)
-    sinkhorn(kernel, p_blocks, q, tol=1e-300, max_iter=1, executor=executor)  # the lists of blocks become bundles
+    sinkhorn(kernel, p_blocks, q, tol=1e-300, max_iter=1, executor=executor)  # task groups fixed at the first call
     with get_task_stream(cluster_client) as stream:
         result = sinkhorn(kernel, p_blocks, q, tol=1e-300, max_iter=5, executor=executor)
     assert len(stream.data) == 5 * sum(nthreads.values())  # nothing else is computed during the iterations
@@ -61,36 +58,3 @@ def test_sinkhorn_on_a_cluster_runs_one_task_per_thread_per_iteration(cluster_cl
     np.testing.assert_allclose(result.g, reference, rtol=0, atol=1e-7)
     assert not np.allclose(_dense_sinkhorn(K.astype(np.float64), p, q, eps, 4), reference, rtol=0, atol=1e-7)
     kernel.close()
-
-
-def _dependencies_and_sum(values: list[np.ndarray]) -> tuple[int, float]:
-    from distributed import get_worker
-
-    worker = get_worker()
-    task = worker.state.tasks[worker.get_current_task()]
-    return len(task.dependencies), float(np.sum(values))
-
-
-def _bundle_keys(dask_scheduler) -> list[str]:
-    return [str(key) for key in dask_scheduler.tasks if str(key).startswith("_bundle")]
-
-
-def test_a_list_of_futures_reaches_its_task_as_one_cached_dependency(cluster_client):
-    from distributed import get_task_stream
-
-    executor = Executor(cluster_client)
-    parts = cluster_client.map(np.full, [2] * 6, [float(i) for i in range(6)], pure=False)
-    lists = [parts[:4], parts[4:]]
-    assert executor.map(_dependencies_and_sum, lists) == [(1, 2.0 * (0 + 1 + 2 + 3)), (1, 2.0 * (4 + 5))]
-    with get_task_stream(cluster_client) as stream:
-        again = executor.map(_dependencies_and_sum, lists)
-    assert again == [(1, 12.0), (1, 18.0)]
-    assert len(stream.data) == 2  # the bundles are reused, not rebuilt
-    assert len(cluster_client.run_on_scheduler(_bundle_keys)) == 2
-    del parts, lists
-    gc.collect()
-    assert executor._bundles == {}
-    deadline = time.monotonic() + 10
-    while cluster_client.run_on_scheduler(_bundle_keys) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert cluster_client.run_on_scheduler(_bundle_keys) == []  # released with the futures they bundle

@@ -32,7 +32,7 @@ from ssa_dask.kernel_precision import (
     half_rows_from_kernel,
 )
 from ssa_dask.kernel_store import KERNEL_ARRAY, SCALE_ARRAY, KernelStore, KernelStoreError
-from ssa_dask.simulate import bin_to_spots, synthetic_tissue
+from ssa_dask.evaluation.simulate import bin_to_spots, synthetic_tissue
 from ssa_dask._kernels import decode_half
 
 FLOAT32_RTOL = 2e-5
