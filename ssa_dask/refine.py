@@ -27,8 +27,11 @@ from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
+import scipy.sparse as sp
+import xarray as xr
 
 from ssa_dask._refine_blocks import plan_moments, rewrite_stored, take_rows, update_in_place, updated_block
+from ssa_dask.assign import SPOT_DIM
 from ssa_dask.cluster import Executor
 from ssa_dask.errors import ConvergenceWarning, SSAInputError
 from ssa_dask.kernel import Kernel
@@ -236,6 +239,38 @@ def refine(
     return RefineResult(g=g, steps=done, objective=np.asarray(objective),
                         held_out_score=np.asarray(held) if held_out is not None else None, A=A, a=a,
                         marginal_error=marginal_error, inner_iterations=inner_iterations, step_seconds=step_seconds)
+
+
+def refine_solution(kernel: Kernel, sinkhorn_result: SinkhornResult, p: np.ndarray | list[Any], q: np.ndarray,
+                    cells: da.Array, spots: da.Array, executor: Executor, *, cell_stats: tuple[np.ndarray, np.ndarray],
+                    option: int | Literal["auto"], eta: float, inner: int, tol: float) -> RefineResult:
+    """:func:`refine` as :func:`ssa_dask.align` runs it: the schedule of its ``refine`` option, the lazy spots read once."""
+    (spot_values,) = executor.compute(spots)
+    spot_values = spot_values.toarray() if sp.issparse(spot_values) else np.asarray(spot_values)
+    steps, held_out, patience = refine_schedule(option, spot_values.shape[1])
+    start = time.perf_counter()
+    refined = refine(kernel, sinkhorn_result, p, q, cells, spot_values, cell_stats=cell_stats, steps=steps, eta=eta,
+                         inner=inner, tol=tol, held_out=held_out, patience=patience, executor=executor)
+    log.info("refined in %d step(s), %.1f s: objective %.4f -> %.4f", refined.steps, time.perf_counter() - start,
+             refined.objective[0], refined.objective[-1])
+    return refined
+
+
+def with_refinement(ds: xr.Dataset, refined: RefineResult, *, option: int | Literal["auto"], eta: float,
+                    inner: int) -> xr.Dataset:
+    """The result with the refinement recorded: ``refine_A`` (spot x gene), ``refine_a`` and ``refine_*`` attrs."""
+    ds = ds.assign(refine_A=((SPOT_DIM, "gene"), refined.A), refine_a=(SPOT_DIM, refined.a))
+    ds["refine_A"].attrs["description"] = ("refined cost = D + X refine_A^T - 1 refine_a^T, X: the cells' values over the "
+                                           "genes used, as read")
+    ds.attrs.update(
+        refine=str(option), refine_steps=refined.steps, refine_eta=float(eta), refine_inner=int(inner),
+        refine_features=DEFAULT_FEATURES, refine_objective=[float(v) for v in refined.objective],
+        refine_marginal_error=refined.marginal_error, refine_inner_iterations=refined.inner_iterations,
+        refine_seconds=float(sum(refined.step_seconds)),
+    )
+    if refined.held_out_score is not None:
+        ds.attrs["refine_held_out_cosine"] = [float(v) for v in refined.held_out_score]
+    return ds
 
 
 def _cell_blocks(kernel: Kernel, cells: da.Array | list[Any], executor: Executor) -> list[Any]:
