@@ -13,6 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ssa_dask._block_math import load_block, scaling
+from ssa_dask.cost import DENSIFY_ABOVE_DENSITY
 from ssa_dask.kernel_store import StoredBlock
 
 
@@ -33,11 +34,22 @@ def plan_rows(block: Any, p: np.ndarray, g: np.ndarray, eps: float, log_domain: 
     return weight
 
 
+def _operand(X: Any) -> Any:
+    """A block of cells as a float64 matrix product operand: CSR while sparse enough, else dense (BLAS wins).
+
+    The same rule as the cost's (:data:`ssa_dask.cost.DENSIFY_ABOVE_DENSITY`); one block at a time.
+    """
+    if sp.issparse(X) and X.nnz <= DENSIFY_ABOVE_DENSITY * X.shape[0] * X.shape[1]:
+        return sp.csr_matrix(X, dtype=np.float64)
+    return X.toarray().astype(np.float64) if sp.issparse(X) else np.asarray(X, dtype=np.float64)
+
+
 def _transpose_times(X: Any, T: np.ndarray) -> np.ndarray:
-    """``T^T X``, ``(m, G)``; a CSR ``X`` is never densified."""
+    """``T^T X``, ``(m, G)``."""
+    X = _operand(X)
     if sp.issparse(X):
-        return np.asarray((sp.csr_matrix(X, dtype=np.float64).T @ T).T)
-    return T.T @ np.asarray(X, dtype=np.float64)
+        return np.asarray((X.T @ T).T)
+    return T.T @ X
 
 
 def plan_moments(block: Any, X: Any, p: np.ndarray, g: np.ndarray, eps: float, log_domain: bool) -> np.ndarray:
@@ -54,10 +66,7 @@ def take_rows(X: Any, rows: np.ndarray) -> np.ndarray:
 
 def cost_increment(X: Any, B: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``X B^T - 1 b^T``: the change of the block's cost, ``(rows, m)`` float64 (one GEMM)."""
-    if sp.issparse(X):
-        product = np.asarray(sp.csr_matrix(X, dtype=np.float64) @ B.T)
-    else:
-        product = np.asarray(X, dtype=np.float64) @ B.T
+    product = np.asarray(_operand(X) @ B.T)
     product -= b[None, :]
     return product
 
