@@ -6,7 +6,9 @@ recomputed from the inputs exactly as :func:`~ssa_dask.align` computes it, the p
 
     T_ij = exp((f_i + g_j - D_ij) / eps),
 
-whose rows sum to the cell masses ``p`` and columns to the spot masses ``q``.  Every quantity a
+whose rows sum to the cell masses ``p`` and columns to the spot masses ``q``.  A result of the
+refined mode (``align(refine=...)``) holds ``refine_A``, ``refine_a``: its cost is
+``D + X A^T - 1 a^T`` (``X``: the cells over the genes used), added to each block.  Every quantity a
 user wants from it is one pass over row blocks of cells: each task recomputes its block of ``D``
 (float32, as in ``align``), turns it into its block of ``T`` in float64, reduces it, and drops it.
 Memory is linear in cells + spots x features; the dense ``n x m`` plan is never formed.

@@ -176,6 +176,12 @@ def refine(
     Returns
     -------
     RefineResult
+
+    Notes
+    -----
+    In the kernel domain the blocks hold ``K exp(-(X A^T - 1 a^T)/eps)`` in float32; a long
+    refinement can move entries out of float32's range, which Sinkhorn reports as a
+    :class:`~ssa_dask.sinkhorn.SinkhornNumericalError`: use the log domain then.
     """
     executor = executor or Executor()
     n_cells, n_spots = kernel.shape
