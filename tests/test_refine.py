@@ -235,3 +235,25 @@ def test_cli_refine_records_the_steps(h5ad_inputs, tmp_path):
     assert (stored.attrs["refine_steps"], stored.attrs["refine_inner"]) == (2, 5)
     assert len(stored.attrs["refine_objective"]) == 3
     assert stored["refine_A"].dims == ("spot_id", "gene")
+
+
+@pytest.mark.parametrize("log_domain", [False, True])
+def test_a_retried_chunk_rewrite_writes_the_same_bytes(problem, tmp_path, log_domain):
+    """The Zarr pass B reads one array and writes another: running a task twice changes nothing."""
+    from ssa_dask._refine_blocks import cost_increment, rewrite_stored
+    from ssa_dask.kernel_store import KernelStore
+
+    sc, spots, dense = problem
+    store = KernelStore.create(tmp_path, dense.cost.shape, np.array([0, BLOCK, len(sc)]))
+    source, target = store.blocks("cost.zarr")[0], store.blocks("kernel.zarr")[0]
+    source.write(dense.cost[:BLOCK].astype(np.float32))
+    B, b = np.random.default_rng(1).normal(size=spots.shape) * 1e-3, np.full(len(spots), 0.01)
+    rewrite_stored(source, sc[:BLOCK], target, B, b, eps=dense.eps, log_domain=log_domain)
+    first = target.file.read_bytes()
+    rewrite_stored(source, sc[:BLOCK], target, B, b, eps=dense.eps, log_domain=log_domain)
+    assert target.file.read_bytes() == first
+    np.testing.assert_array_equal(source.load(), dense.cost[:BLOCK].astype(np.float32))  # the input is untouched
+    change = cost_increment(sc[:BLOCK], B, b)
+    expected = dense.cost[:BLOCK] + change if log_domain else dense.cost[:BLOCK].astype(np.float32) * np.exp(-change / dense.eps)
+    np.testing.assert_allclose(target.load(), expected, rtol=1e-6, atol=1e-7)
+    store.remove()
