@@ -80,7 +80,9 @@ class RefineResult:
     inner_iterations : int
         Sinkhorn iterations done by all steps together.
     step_seconds : list of float
-        Wall time of each step (update and inner iterations).
+        Wall time of each step (plan moments, update and inner iterations).
+    seconds : float
+        Wall time of the whole refinement.
     """
 
     g: np.ndarray
@@ -92,6 +94,7 @@ class RefineResult:
     marginal_error: float
     inner_iterations: int
     step_seconds: list[float] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 def check_refine_options(refine: Any, eta: Any, inner: Any) -> None:
@@ -184,6 +187,7 @@ def refine(
     :class:`~ssa_dask.sinkhorn.SinkhornNumericalError`: use the log domain then.
     """
     executor = executor or Executor()
+    began = time.perf_counter()
     n_cells, n_spots = kernel.shape
     spots = np.asarray(spots, dtype=np.float64)
     if spots.ndim != 2 or spots.shape[0] != n_spots:
@@ -216,6 +220,7 @@ def refine(
     marginal_error, inner_iterations = sinkhorn_result.marginal_error, 0
     done = 0
     while True:
+        start = time.perf_counter()
         moments = kernel.map_blocks(plan_moments, executor, X_blocks, p_blocks, reduce="sum", g=g, eps=kernel.eps,
                                     log_domain=kernel.log_domain, label="refine: plan moments")
         s = moments[:, 0]
@@ -226,10 +231,10 @@ def refine(
         if done:
             log.info("refine step %d: objective %.6f%s, %.1f s", done, value,
                      f", held-out cosine {held[-1]:.6f}" if held else "", step_seconds[-1])
-        if done == steps or (patience is not None and stalled(held, patience)):
+        largest = float(np.abs(Z_sample @ W.T - c).max())
+        if done == steps or (patience is not None and stalled(held, patience)) or not largest > 0:
             break
-        start = time.perf_counter()
-        step = eta * kernel.eps / float(np.abs(Z_sample @ W.T - c).max())
+        step = eta * kernel.eps / largest
         # In the input values: Z_i . W_j = X_i . (scale * W_j) - shift . W_j.
         B = step * W * scale - tau * A
         b = step * (c + W @ shift) - tau * a
@@ -244,7 +249,8 @@ def refine(
         step_seconds.append(time.perf_counter() - start)
     return RefineResult(g=g, steps=done, objective=np.asarray(objective),
                         held_out_score=np.asarray(held) if held_out is not None else None, A=A, a=a,
-                        marginal_error=marginal_error, inner_iterations=inner_iterations, step_seconds=step_seconds)
+                        marginal_error=marginal_error, inner_iterations=inner_iterations, step_seconds=step_seconds,
+                        seconds=time.perf_counter() - began)
 
 
 def refine_solution(kernel: Kernel, sinkhorn_result: SinkhornResult, p: np.ndarray | list[Any], q: np.ndarray,
@@ -254,10 +260,9 @@ def refine_solution(kernel: Kernel, sinkhorn_result: SinkhornResult, p: np.ndarr
     (spot_values,) = executor.compute(spots)
     spot_values = spot_values.toarray() if sp.issparse(spot_values) else np.asarray(spot_values)
     steps, held_out, patience = refine_schedule(option, spot_values.shape[1])
-    start = time.perf_counter()
     refined = refine(kernel, sinkhorn_result, p, q, cells, spot_values, cell_stats=cell_stats, steps=steps, eta=eta,
                          inner=inner, tol=tol, held_out=held_out, patience=patience, executor=executor)
-    log.info("refined in %d step(s), %.1f s: objective %.4f -> %.4f", refined.steps, time.perf_counter() - start,
+    log.info("refined in %d step(s), %.1f s: objective %.4f -> %.4f", refined.steps, refined.seconds,
              refined.objective[0], refined.objective[-1])
     return refined
 
@@ -272,7 +277,7 @@ def with_refinement(ds: xr.Dataset, refined: RefineResult, *, option: int | Lite
         refine=str(option), refine_steps=refined.steps, refine_eta=float(eta), refine_inner=int(inner),
         refine_features=DEFAULT_FEATURES, refine_objective=[float(v) for v in refined.objective],
         refine_marginal_error=refined.marginal_error, refine_inner_iterations=refined.inner_iterations,
-        refine_seconds=float(sum(refined.step_seconds)),
+        refine_seconds=refined.seconds, refine_step_seconds=[float(v) for v in refined.step_seconds],
     )
     if refined.held_out_score is not None:
         ds.attrs["refine_held_out_cosine"] = [float(v) for v in refined.held_out_score]
