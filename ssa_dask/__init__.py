@@ -36,7 +36,7 @@ from ssa_dask.kernel_build import build_kernel, kernel_from_array
 from ssa_dask.kernel_storage import DiskBlocks, KernelStorage, MemoryBlocks
 from ssa_dask.kernel_store import KernelStoreError
 from ssa_dask.plan import TransportPlan, open_plan
-from ssa_dask.reference import ssa_dense
+from ssa_dask.reference import refine_dense, ssa_dense
 from ssa_dask.progress import SinkhornProgress
 from ssa_dask.sinkhorn import Checkpoint, SavedState, SinkhornNumericalError, SinkhornResult, sinkhorn
 from ssa_dask.standardize import MatrixSummary, summarize
@@ -97,6 +97,7 @@ __all__ = [
     "read_plan_summary",
     "read_expression",
     "read_result",
+    "refine_dense",
     "select_genes",
     "sinkhorn",
     "ssa_dense",

@@ -210,8 +210,17 @@ class Kernel:
 
 def _run_group(func: Callable[..., Any], reduce: Literal["sum", "logsumexp"] | None, blocks: list[Any],
                *per_block: list[Any], **kwargs: Any) -> Any:
-    """Run ``func`` over the blocks of one task, one after the other; reduce the results when asked."""
-    results = [func(block, *(values[i] for values in per_block), **kwargs) for i, block in enumerate(blocks)]
-    return results if reduce is None else REDUCTIONS[reduce](results)
+    """Run ``func`` over the blocks of one task, one after the other; reduce the results when asked.
+
+    A reduction is accumulated block by block (the same sums, in the same order, as reducing the
+    stacked results), so a task holds one partial result however many blocks it runs.
+    """
+    results = (func(block, *(values[i] for values in per_block), **kwargs) for i, block in enumerate(blocks))
+    if reduce is None:
+        return list(results)
+    total = next(results)
+    for result in results:
+        total = REDUCTIONS[reduce]([total, result])
+    return total
 
 

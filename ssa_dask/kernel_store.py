@@ -266,13 +266,16 @@ class KernelStore:
         self.bounds = np.asarray(bounds, dtype=np.int64)
         self.chunk_rows = int(self.bounds[1] - self.bounds[0]) if len(self.bounds) > 1 else 1
         self.kernel_dtype = kernel_dtype
+        self.extra_arrays: dict[str, tuple[str, int]] = {}
 
     @property
     def arrays(self) -> dict[str, tuple[str, int]]:
         """The store's arrays: name -> (NumPy dtype name, columns)."""
         if self.kernel_dtype in HALF_DTYPES:
-            return {KERNEL_ARRAY: ("uint16", self.shape[1]), SCALE_ARRAY: ("float64", 1)}
-        return {COST_ARRAY: ("float32", self.shape[1]), KERNEL_ARRAY: ("float32", self.shape[1])}
+            base = {KERNEL_ARRAY: ("uint16", self.shape[1]), SCALE_ARRAY: ("float64", 1)}
+        else:
+            base = {COST_ARRAY: ("float32", self.shape[1]), KERNEL_ARRAY: ("float32", self.shape[1])}
+        return base | self.extra_arrays
 
     @classmethod
     def create(cls, parent: Path | None, shape: tuple[int, int], bounds: np.ndarray, *,
@@ -298,7 +301,7 @@ class KernelStore:
         _write_json(root / OWNER_FILE, _owner_record(checkpoint))
         store = cls(root, shape, bounds, kernel_dtype)
         for name in store.arrays:
-            store._create_array(name)
+            store.create_array(name)
         return store
 
     @classmethod
@@ -330,9 +333,13 @@ class KernelStore:
         _write_json(root / OWNER_FILE, _owner_record(checkpoint))
         return store, manifest
 
-    def _create_array(self, name: str) -> None:
+    def create_array(self, name: str, dtype: str | None = None) -> None:
+        """Create (or empty) array ``name``: one of the store's, or a new float32 kernel-shaped one
+        (``dtype``) such as the refined mode's rewrite target."""
         import zarr
 
+        if name not in self.arrays:
+            self.extra_arrays[name] = (dtype or "float32", self.shape[1])
         dtype, columns = self.arrays[name]
         zarr.create_array(str(self.root / name), shape=(self.shape[0], columns), chunks=(self.chunk_rows, columns),
                           dtype=dtype, compressors=None, filters=None, fill_value=0, overwrite=True)

@@ -6,7 +6,9 @@ recomputed from the inputs exactly as :func:`~ssa_dask.align` computes it, the p
 
     T_ij = exp((f_i + g_j - D_ij) / eps),
 
-whose rows sum to the cell masses ``p`` and columns to the spot masses ``q``.  Every quantity a
+whose rows sum to the cell masses ``p`` and columns to the spot masses ``q``.  A result of the
+refined mode (``align(refine=...)``) holds ``refine_A``, ``refine_a``: its cost is
+``D + X A^T - 1 a^T`` (``X``: the cells over the genes used), added to each block.  Every quantity a
 user wants from it is one pass over row blocks of cells: each task recomputes its block of ``D``
 (float32, as in ``align``), turns it into its block of ``T`` in float64, reduces it, and drops it.
 Memory is linear in cells + spots x features; the dense ``n x m`` plan is never formed.
@@ -29,6 +31,7 @@ import scipy.sparse as sp
 import xarray as xr
 from dask.delayed import Delayed
 
+from ssa_dask._refine_blocks import cost_increment
 from ssa_dask.align import _checked_inputs, _take_rows, default_block_rows
 from ssa_dask.assign import column_potential, read_result
 from ssa_dask.cluster import Executor, connect
@@ -73,9 +76,11 @@ class TransportPlan:
     def __init__(self, *, cells: ExpressionMatrix, kept_X: da.Array, gene_columns: np.ndarray, block_rows: int,
                  cost: PearsonCost | Delayed, f: np.ndarray, g: np.ndarray, eps: float, p: np.ndarray,
                  kept_cells: np.ndarray, kept_spots: np.ndarray, spot_names: pd.Index, spot_coords: np.ndarray | None,
-                 executor: Executor, stack: contextlib.ExitStack | None = None) -> None:
+                 executor: Executor, stack: contextlib.ExitStack | None = None,
+                 refinement: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         # kept_X: the kept cells over all genes; gene_columns: its columns of the result's genes;
-        # cost: the spot profiles (held); f, p: per kept cell; g: per kept spot.
+        # cost: the spot profiles (held); f, p: per kept cell; g: per kept spot; refinement: the
+        # refined mode's (A, a) per kept spot, the cost then being D + X A^T - 1 a^T.
         self.cells = cells
         self.cell_names = pd.Index(cells.names)
         self.spot_names = pd.Index(spot_names)
@@ -93,6 +98,7 @@ class TransportPlan:
         self._kept_cells = np.asarray(kept_cells)
         self._kept_spots = np.asarray(kept_spots)
         self._stack = stack
+        self._refinement = refinement
         # The row potentials as an (n, 1) array in the plan's row chunks: on a cluster held in
         # worker memory once, so the passes' graphs refer to them instead of carrying them.
         column = _column(self._f, self.row_chunks)
@@ -187,7 +193,22 @@ class TransportPlan:
         return np.asarray(values)
 
     def _cost_blocks(self) -> da.Array:
-        return cost_blocks(self._cells_over_genes(), self._cost, self._kept_spots.size)
+        """The cost blocks of the plan: ``D``, or the refined ``D + X A^T - 1 a^T`` of a refined result."""
+        X = self._cells_over_genes()
+        if self._refinement is None:
+            return cost_blocks(X, self._cost, self._kept_spots.size)
+        return X.map_blocks(_refined_cost, self._held_cost(), *self._held_refinement(), dtype=np.float64,
+                            chunks=(X.chunks[0], (self._kept_spots.size,)), meta=np.empty((0, 0), np.float64))
+
+    def _held_cost(self) -> Delayed:
+        """The spot profiles as one graph key (held on a worker already, or sent once per worker)."""
+        return self._cost if isinstance(self._cost, Delayed) else dask.delayed(self._cost, pure=True)
+
+    def _held_refinement(self) -> list[Delayed | None]:
+        """``(A, a)`` of a refined result as graph keys, or ``[None, None]``."""
+        if self._refinement is None:
+            return [None, None]
+        return [dask.delayed(values, pure=True) for values in self._refinement]
 
     def _cells_over_genes(self, fresh: bool = True) -> da.Array:
         """The kept cells over the result's genes, in the plan's row blocks.
@@ -455,10 +476,14 @@ def _build_plan(result: xr.Dataset, cells: ExpressionMatrix, spots: ExpressionMa
     totals = summary_c.row_totals
     p = np.full(totals.shape, 1.0 / totals.size) if marginals == "uniform" else totals / totals.sum()
     f = np.asarray(result["potential"].values, dtype=np.float64)[inputs.kept_cells]
+    refinement = None
+    if "refine_A" in result:
+        refinement = (np.asarray(result["refine_A"].values, dtype=np.float64)[inputs.kept_spots],
+                      np.asarray(result["refine_a"].values, dtype=np.float64)[inputs.kept_spots])
     return TransportPlan(cells=cells, kept_X=kept_cells.X, gene_columns=cell_cols, block_rows=rows, cost=cost, f=f, g=g,
                          eps=float(attrs["eps"]), p=p,
                          kept_cells=inputs.kept_cells, kept_spots=inputs.kept_spots, spot_names=spots.names,
-                         spot_coords=spots.coords, executor=executor)
+                         spot_coords=spots.coords, executor=executor, refinement=refinement)
 
 
 def _check_row_sums(plan: TransportPlan) -> None:
@@ -468,10 +493,9 @@ def _check_row_sums(plan: TransportPlan) -> None:
     picked = sorted({0, n_blocks // 2, n_blocks - 1})
     sizes = [min(CHECKED_ROWS, plan.row_chunks[i]) for i in picked]
     rows = np.concatenate([np.arange(bounds[i], bounds[i] + size) for i, size in zip(picked, sizes)])
-    cost = plan._cost if isinstance(plan._cost, Delayed) else dask.delayed(plan._cost, pure=True)
     leading = tuple(min(CHECKED_ROWS, size) for size in plan.row_chunks)
     sums = da.map_blocks(_leading_row_sums, plan._cells_over_genes(), plan._f_column, dask.delayed(plan._g, pure=True),
-                         cost, eps=plan.eps, n_rows=CHECKED_ROWS, dtype=np.float64, chunks=(leading, (1,)),
+                         plan._held_cost(), *plan._held_refinement(), eps=plan.eps, n_rows=CHECKED_ROWS, dtype=np.float64, chunks=(leading, (1,)),
                          meta=np.empty((0, 0), np.float64), token="ssa-plan-check")
     (row_sums,) = plan.executor.compute(sums.blocks[picked], label="checking the plan")
     p = plan._p[rows]
@@ -552,9 +576,16 @@ def plan_block(D: np.ndarray, f: np.ndarray, g: np.ndarray, eps: float) -> np.nd
     return np.exp(T, out=T)
 
 
-def _leading_row_sums(X: Any, f: np.ndarray, g: np.ndarray, cost: PearsonCost, eps: float, n_rows: int) -> np.ndarray:
+def _refined_cost(X: Any, cost: PearsonCost, A: np.ndarray | None, a: np.ndarray | None) -> np.ndarray:
+    """The cost of a block of cells: ``D``, plus ``X A^T - 1 a^T`` (float64) for a refined result."""
+    D = cost.cost(X)
+    return D if A is None else D + cost_increment(X, A, a)
+
+
+def _leading_row_sums(X: Any, f: np.ndarray, g: np.ndarray, cost: PearsonCost, A: np.ndarray | None,
+                      a: np.ndarray | None, eps: float, n_rows: int) -> np.ndarray:
     """Row sums of the plan for the first ``n_rows`` cells of a block (the cost of those rows only)."""
-    return _row_sums(plan_block(cost.cost(X[:n_rows]), f[:n_rows, 0], g, eps))
+    return _row_sums(plan_block(_refined_cost(X[:n_rows], cost, A, a), f[:n_rows, 0], g, eps))
 
 
 def _plan_task(func: Callable[..., np.ndarray], n_cell: int, flatten: bool, eps: float, D: np.ndarray,

@@ -50,7 +50,20 @@ def cluster_size(n_workers: int | None, threads_per_worker: int | None) -> None:
 
 def numeric_options(values: dict[str, Any]) -> None:
     """Refuse out-of-range numeric options of ``ssa-dask align`` (keys are the option names)."""
-    for option in ("--lam", "--eps", "--tol"):
+    for option in ("--lam", "--eps", "--tol", "--refine-eta"):
         positive(values.get(option), option)
-    for option in ("--max-iter", "--top-k", "--block-rows", "--n-genes"):
+    for option in ("--max-iter", "--top-k", "--block-rows", "--n-genes", "--refine-inner"):
         positive(values.get(option), option, integer=True)
+
+
+def refine_steps(text: str | None) -> int | str | None:
+    """``--refine``: a positive number of steps or ``auto`` (None when not given), as ``align`` takes it."""
+    if text is None or text == "auto":
+        return text
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = 0
+    if steps < 1 or str(steps) != text.strip():
+        raise SSAInputError(f"--refine must be a positive number of steps or 'auto', got {text!r}")
+    return steps

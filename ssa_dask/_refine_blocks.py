@@ -1,0 +1,98 @@
+"""What one task of the refined mode does to one row block of the kernel (see :mod:`ssa_dask.refine`).
+
+Each function takes a kernel block handle (resolved by :func:`~ssa_dask._block_math.load_block`)
+and the block's cells over the selected genes as read (dense or CSR; sparse stays sparse), and
+works in float64; updated blocks are stored back as float32 like the kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from ssa_dask._block_math import load_block, scaling
+from ssa_dask.cost import DENSIFY_ABOVE_DENSITY
+from ssa_dask.kernel_store import StoredBlock
+
+
+def plan_rows(block: Any, p: np.ndarray, g: np.ndarray, eps: float, log_domain: bool) -> np.ndarray:
+    """The block's rows of the plan after the row update, float64: ``T_ij = p_i w_ij / sum_l w_il``.
+
+    ``w_ij = K_ij exp(g_j/eps)`` up to a per-row factor: in the log domain each row of
+    ``(g - D)/eps`` is shifted by its maximum first, so no exponential overflows.
+    """
+    values = np.asarray(load_block(block), dtype=np.float64)
+    if log_domain:
+        weight = (g[None, :] - values) / eps
+        weight -= weight.max(axis=1, keepdims=True)
+        np.exp(weight, out=weight)
+    else:
+        weight = values * scaling(g, eps)[None, :]
+    weight *= (np.asarray(p, np.float64) / weight.sum(axis=1))[:, None]
+    return weight
+
+
+def _operand(X: Any) -> Any:
+    """A block of cells as a float64 matrix product operand: CSR while sparse enough, else dense (BLAS wins).
+
+    The same rule as the cost's (:data:`ssa_dask.cost.DENSIFY_ABOVE_DENSITY`); one block at a time.
+    """
+    if sp.issparse(X) and X.nnz <= DENSIFY_ABOVE_DENSITY * X.shape[0] * X.shape[1]:
+        return sp.csr_matrix(X, dtype=np.float64)
+    return X.toarray().astype(np.float64) if sp.issparse(X) else np.asarray(X, dtype=np.float64)
+
+
+def _transpose_times(X: Any, T: np.ndarray) -> np.ndarray:
+    """``T^T X``, ``(m, G)``."""
+    X = _operand(X)
+    if sp.issparse(X):
+        return np.asarray((X.T @ T).T)
+    return T.T @ X
+
+
+def plan_moments(block: Any, X: Any, p: np.ndarray, g: np.ndarray, eps: float, log_domain: bool) -> np.ndarray:
+    """The block's share of ``[T^T 1 | T^T X]``, ``(m, 1 + G)``: pass A of a refine step."""
+    T = plan_rows(block, p, g, eps, log_domain)
+    return np.concatenate([T.sum(axis=0)[:, None], _transpose_times(X, T)], axis=1)
+
+
+def take_rows(X: Any, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` of a cell block as a dense float64 array."""
+    part = X[rows]
+    return part.toarray().astype(np.float64) if sp.issparse(part) else np.asarray(part, dtype=np.float64)
+
+
+def cost_increment(X: Any, B: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``X B^T - 1 b^T``: the change of the block's cost, ``(rows, m)`` float64 (one GEMM)."""
+    product = np.asarray(_operand(X) @ B.T)
+    product -= b[None, :]
+    return product
+
+
+def updated_block(block: Any, X: Any, B: np.ndarray, b: np.ndarray, eps: float, log_domain: bool) -> np.ndarray:
+    """The block after the cost change ``X B^T - 1 b^T``: ``D + change`` (log domain) or
+    ``K exp(-change/eps)``, float32."""
+    change = cost_increment(X, B, b)
+    values = np.asarray(load_block(block), dtype=np.float64)
+    if log_domain:
+        values += change
+    else:
+        change *= -1.0 / eps
+        values *= np.exp(change, out=change)
+    return values.astype(np.float32)
+
+
+def update_in_place(block: np.ndarray, X: Any, B: np.ndarray, b: np.ndarray, eps: float, log_domain: bool) -> None:
+    """:func:`updated_block` written over the block's own array (local memory storage)."""
+    block[...] = updated_block(block, X, B, b, eps, log_domain)
+
+
+def rewrite_stored(source: StoredBlock, X: Any, target: StoredBlock, B: np.ndarray, b: np.ndarray, eps: float,
+                   log_domain: bool) -> None:
+    """:func:`updated_block` of a stored chunk, written atomically to its chunk of another array.
+
+    The source is never modified, so a retried task reads the same input and writes the same bytes.
+    """
+    target.write(updated_block(source, X, B, b, eps, log_domain))
