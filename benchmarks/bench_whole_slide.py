@@ -13,6 +13,9 @@ the low-rank route (Nystrom on ``r`` landmark spots) by its kernel error on a sa
 clusters, support, Sinkhorn, assignment) and reports time per stage and peak RSS; run it through
 ``--child`` to sample the RSS of a fresh process.
 
+``DATA`` is a synthetic set, or a real single-cell slide (``.h5ad`` with ``obs`` x, y and
+``cell_type``) binned into about ``--slide-spots`` square spots (its cells' bins are the truth).
+
 Usage::
 
     ssa-dask synth DATA --cells 50000 --spots 20000 --genes 500
@@ -41,18 +44,39 @@ TOL = 1e-6
 MAX_ITER = 2000
 
 
-def prepare(data: Path, executor: Any, block_rows: int) -> dict[str, Any]:
-    """Cells and spots of a synthetic set read as ``align`` reads them: genes, cost, masses, truth."""
+def load_synth(data: Path) -> tuple[Any, Any, np.ndarray, np.ndarray]:
+    """Cells and spots of a synthetic set (``ssa-dask synth``), the cells' types and true spots."""
     import anndata as ad
 
+    obs = ad.read_zarr(str(data / "cells.zarr")).obs
+    types = np.unique(obs["cell_type"].astype(str).to_numpy(), return_inverse=True)[1]
+    return str(data / "cells.zarr"), str(data / "spots.zarr"), types, obs["true_spot"].to_numpy()
+
+
+def load_slide(h5ad: Path, n_spots: int) -> tuple[Any, Any, np.ndarray, np.ndarray]:
+    """A real single-cell slide binned into about ``n_spots`` square spots (both log1p, as the paper)."""
+    import anndata as ad
+
+    from ssa_dask.simulate import bin_to_spots
+
+    cells = ad.read_h5ad(h5ad)
+    spots, cell_spot = bin_to_spots(cells, n_spots=n_spots, log1p=True)
+    cells.X = cells.X.log1p() if hasattr(cells.X, "log1p") else np.log1p(cells.X)
+    types = np.unique(cells.obs["cell_type"].astype(str).to_numpy(), return_inverse=True)[1]
+    return cells, spots, types, np.asarray(cell_spot)
+
+
+def prepare(cells_in: Any, spots_in: Any, types: np.ndarray, true_spot: np.ndarray, executor: Any,
+            block_rows: int) -> dict[str, Any]:
+    """Cells and spots read as ``align`` reads them: genes, cost, masses, and the truth."""
     from ssa_dask.cost import PearsonCost
     from ssa_dask.genes import select_genes
     from ssa_dask.io import read_expression
     from ssa_dask.standardize import summarize
 
     t0 = time.perf_counter()
-    cells = read_expression(str(data / "cells.zarr"), role="scRNA")
-    spots = read_expression(str(data / "spots.zarr"), role="spots")
+    cells = read_expression(cells_in, role="scRNA")
+    spots = read_expression(spots_in, role="spots")
     cell_summary = summarize(cells.X, executor)
     spot_summary = summarize(spots.X, executor)
     genes = select_genes(cells.genes, cell_summary.variance, spots.genes, spot_summary.variance, 5000).genes
@@ -60,17 +84,21 @@ def prepare(data: Path, executor: Any, block_rows: int) -> dict[str, Any]:
     (spot_values,) = executor.compute(spots.select_genes(genes).X)
     cost = PearsonCost.from_statistics(cell_summary.mean[cc], cell_summary.std[cc], spot_values,
                                        spot_summary.mean[sc], spot_summary.std[sc])
-    obs = ad.read_zarr(str(data / "cells.zarr")).obs
     return {
         "X": cells.select_genes(genes).rechunk_rows(block_rows).X,
         "cost": cost,
         "p": cell_summary.row_totals / cell_summary.row_totals.sum(),
         "q": spot_summary.row_totals / spot_summary.row_totals.sum(),
-        "types": obs["cell_type"].cat.codes.to_numpy() if hasattr(obs["cell_type"], "cat") else
-        np.unique(obs["cell_type"].to_numpy(), return_inverse=True)[1],
-        "true_spot": obs["true_spot"].to_numpy(),
+        "types": types,
+        "true_spot": true_spot,
         "read_seconds": time.perf_counter() - t0,
     }
+
+
+def _load(args: argparse.Namespace, executor: Any) -> dict[str, Any]:
+    data = Path(args.data)
+    inputs = load_slide(data, args.slide_spots) if data.suffix == ".h5ad" else load_synth(data)
+    return prepare(*inputs, executor, args.block_rows)
 
 
 def _timed(fn: Any) -> tuple[Any, float]:
@@ -158,7 +186,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     from ssa_dask.kernel_multiscale import build_multiscale_kernel, check_support
 
     executor = Executor()
-    data = prepare(Path(args.data), executor, args.block_rows)
+    data = _load(args, executor)
     n_cells, n_spots = data["X"].shape[0], data["cost"].n_spots
     print(f"{n_cells} cells x {n_spots} spots x {data['X'].shape[1]} genes; read {data['read_seconds']:.1f} s", flush=True)
     dense, build_s = _timed(lambda: build_kernel(cost_blocks(data["X"], data["cost"]), executor, lam=LAM,
@@ -211,7 +239,7 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
 
     executor = Executor()
     with PeakMemory() as memory:
-        data = prepare(Path(args.data), executor, args.block_rows)
+        data = _load(args, executor)
         n_cells, n_spots = data["X"].shape[0], data["cost"].n_spots
         (sparse, check), build_s = _timed(lambda: build_multiscale_kernel(
             data["X"], data["cost"], executor, lam=LAM, n_support=args.support[0], n_sample=args.sample))
@@ -230,7 +258,8 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("mode", choices=["compare", "scale"])
-    parser.add_argument("data", help="directory written by `ssa-dask synth`")
+    parser.add_argument("data", help="directory written by `ssa-dask synth`, or a single-cell slide (.h5ad) to bin")
+    parser.add_argument("--slide-spots", type=int, default=5000, help="spots to bin an .h5ad slide into")
     parser.add_argument("--support", type=int, nargs="+", default=[32, 128, 512], help="spots kept per cell")
     parser.add_argument("--far", type=int, nargs="+", default=[0, 64],
                         help="far-field spots per cell (0: plain truncation) of each multiscale support")

@@ -1,4 +1,4 @@
-"""Compiled Sinkhorn sweep over a row block of a sparse-plus-far-field kernel.
+"""Compiled loops of the sparse-plus-far-field kernel: the Sinkhorn sweep and two steps of its build.
 
 A row block holds, for each of its ``n`` cells, ``k`` kernel values ``K_il`` and the spots
 ``j_il`` they belong to (an ELLPACK layout: every row has the same length, so no row pointer), and
@@ -55,3 +55,34 @@ def sparse_kernel_sweep(packed: np.ndarray, bits: np.ndarray, p: np.ndarray, b: 
             acc[bits[i, k + l]] += a * (packed[i, l] - kappa)
     for j in range(s):
         out[j] += (acc[j] + far_total) * b[j]
+
+
+@numba.njit(nogil=True, cache=True)
+def scatter_candidates(similarity: np.ndarray, spots: np.ndarray, rows: np.ndarray, starts: np.ndarray,
+                       values: np.ndarray, members: np.ndarray) -> None:
+    """Write one cluster's exact ``|rho|`` into the candidate buffers of the cells that probe it.
+
+    Row ``rows[r]`` receives ``values[r, :]`` and ``members`` at columns ``starts[r]:starts[r] + members.size``.
+    """
+    for r in range(rows.size):
+        i = rows[r]
+        offset = starts[r]
+        for t in range(members.size):
+            similarity[i, offset + t] = values[r, t]
+            spots[i, offset + t] = members[t]
+
+
+@numba.njit(nogil=True, cache=True)
+def off_support(support: np.ndarray, drawn: np.ndarray, n_spots: int) -> np.ndarray:
+    """Whether each drawn spot ``drawn[i, t]`` is off row ``i``'s support ``support[i, :]``."""
+    n, k = support.shape
+    marked = np.zeros(n_spots, dtype=np.bool_)
+    out = np.empty(drawn.shape, dtype=np.bool_)
+    for i in range(n):
+        for l in range(k):
+            marked[support[i, l]] = True
+        for t in range(drawn.shape[1]):
+            out[i, t] = not marked[drawn[i, t]]
+        for l in range(k):
+            marked[support[i, l]] = False
+    return out

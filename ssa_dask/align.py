@@ -21,6 +21,8 @@ from ssa_dask.errors import SSAInputError
 from ssa_dask.genes import select_genes
 from ssa_dask.io import ExpressionMatrix, read_expression
 from ssa_dask.kernel_build import build_kernel
+from ssa_dask.kernel_multiscale import (DEFAULT_SUPPORT, build_multiscale_kernel, candidate_width, check_sparse_options,
+                                       check_support)
 from ssa_dask.kernel_store import local_directory
 from ssa_dask.progress import SinkhornProgress
 from ssa_dask.sinkhorn import DEFAULT_MAX_ITER, DEFAULT_TOL, Checkpoint, check_iteration_options, sinkhorn
@@ -52,6 +54,8 @@ def align(
     kernel_storage: Literal["auto", "memory", "zarr"] = "auto",
     kernel_path: str | None = None,
     memory_budget: int | None = None,
+    kernel: Literal["dense", "multiscale"] = "dense",
+    n_support: int = DEFAULT_SUPPORT,
     init_g: np.ndarray | None = None,
     checkpoint: str | None = None,
     client: Any = None,
@@ -113,6 +117,15 @@ def align(
         directory); the store is removed when the run ends.  Use fast local or shared scratch.
     memory_budget : int, optional
         Bytes the workers may use (default: the cluster's memory, or this machine's available memory).
+    kernel : {"dense", "multiscale"}
+        The dense kernel (exact), or a sparse one for slides too large for it: each cell keeps its
+        ``n_support`` nearest spots (found through k-means clusters of the spots, exact costs) and
+        a far-field value for the others (:mod:`ssa_dask.kernel_multiscale`; kernel domain, in
+        memory; ``eps`` from ``max D`` on a sample of cells).  The sparse plan is checked on that
+        sample against the exact kernel; an :class:`~ssa_dask.kernel_multiscale.ApproximationWarning`
+        says when it is too far, and ``attrs`` record the check.
+    n_support : int
+        Spots kept per cell by ``kernel="multiscale"``.
     init_g : (n_spots,) array, optional
         Warm-start column potential (e.g. ``ssa_dask.column_potential(result)`` of an earlier run).
     checkpoint : str, optional
@@ -163,6 +176,7 @@ def align(
         raise SSAInputError(f"marginals must be 'total' or 'uniform', got {marginals!r}")
     check_iteration_options(tol, max_iter)
     _check_scratch(kernel_path, checkpoint, block_rows)
+    check_sparse_options(kernel, n_support, top_k, log_domain)
     checkpoint = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
     cells = read_expression(sc, layer=sc_layer, gene_key=gene_key, log1p=log1p, role="scRNA")
     spot_matrix = read_expression(spots, layer=spots_layer, gene_key=gene_key, log1p=log1p, role="spots")
@@ -172,7 +186,8 @@ def align(
                         capacity=capacity, tol=tol,
                         max_iter=max_iter, log_domain=log_domain, top_k=top_k, block_rows=block_rows,
                         kernel_storage=kernel_storage, kernel_path=kernel_path, memory_budget=memory_budget,
-                        init_g=init_g, checkpoint=checkpoint, progress=progress, drop_empty=drop_empty)
+                        kernel_method=kernel, n_support=n_support, init_g=init_g, checkpoint=checkpoint, progress=progress,
+                        drop_empty=drop_empty)
     # How the inputs were read, so that open_plan can read them the same way.
     result.attrs.update(log1p=int(log1p), sc_layer=sc_layer or "", spots_layer=spots_layer or "", gene_key=gene_key or "",
                         spot_mass=marginals if spot_mass is None else spot_mass if isinstance(spot_mass, str) else "array")
@@ -181,7 +196,7 @@ def align(
 
 def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Executor, *, n_genes, lam, eps, marginals,
            capacity=None, tol, max_iter, log_domain, top_k, block_rows, kernel_storage, kernel_path, memory_budget, init_g,
-           checkpoint, progress, drop_empty=False) -> xr.Dataset:
+           checkpoint, progress, drop_empty=False, kernel_method="dense", n_support=DEFAULT_SUPPORT) -> xr.Dataset:
     log.info("scRNA: %d cells x %d genes; spots: %d x %d genes", *cells.shape, *spot_matrix.shape)
     inputs = _checked_inputs(cells, spot_matrix, executor, marginals, drop_empty)
     cells, spot_matrix, cell_summary, spot_summary = inputs.cells, inputs.spots, inputs.cell_summary, inputs.spot_summary
@@ -199,15 +214,23 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
     cost = lazy_pearson_cost(cell_summary.mean[cell_cols], cell_summary.std[cell_cols],
                              spot_matrix.select_genes(genes).X, spot_summary.mean[spot_cols], spot_summary.std[spot_cols])
 
-    rows = block_rows or default_block_rows(n_cells, n_spots, len(genes), executor.n_threads(), cells.X.chunks[0][0])
+    width = n_spots if kernel_method == "dense" else candidate_width(n_support)
+    rows = block_rows or default_block_rows(n_cells, width, len(genes), executor.n_threads(), cells.X.chunks[0][0])
     X = cells.select_genes(genes).rechunk_rows(rows).X
-    storage = _choose_storage(kernel_storage, n_cells * n_spots * 4, memory_budget or executor.memory_bytes())
-    log.info("kernel %d x %d float32 (%.2f GB) in %s, %d blocks of %d cells", n_cells, n_spots,
-             n_cells * n_spots * 4 / 1e9, storage, math.ceil(n_cells / rows), rows)
-    fingerprint = _fingerprint(cell_summary, spot_summary, genes, lam, eps, log_domain, rows)
-    kernel = build_kernel(cost_blocks(X, cost, n_spots), executor, lam=None if eps is not None else lam, eps=eps,
-                          log_domain=log_domain, storage=storage, path=kernel_path,
-                          checkpoint=checkpoint if storage == "zarr" else None, fingerprint=fingerprint)
+    check = None
+    if kernel_method == "multiscale":
+        storage = "multiscale"
+        (cost,) = executor.compute(cost)
+        kernel, check = build_multiscale_kernel(X, cost, executor, lam=None if eps is not None else lam, eps=eps,
+                                                n_support=n_support)
+    else:
+        storage = _choose_storage(kernel_storage, n_cells * n_spots * 4, memory_budget or executor.memory_bytes())
+        log.info("kernel %d x %d float32 (%.2f GB) in %s, %d blocks of %d cells", n_cells, n_spots,
+                 n_cells * n_spots * 4 / 1e9, storage, math.ceil(n_cells / rows), rows)
+        fingerprint = _fingerprint(cell_summary, spot_summary, genes, lam, eps, log_domain, rows)
+        kernel = build_kernel(cost_blocks(X, cost, n_spots), executor, lam=None if eps is not None else lam, eps=eps,
+                              log_domain=log_domain, storage=storage, path=kernel_path,
+                              checkpoint=checkpoint if storage == "zarr" else None, fingerprint=fingerprint)
     finished = False
     try:
         p = kernel.row_vector(_masses(cell_summary.row_totals, marginals), executor)
@@ -222,6 +245,8 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
         if saver is not None and result.converged:
             saver.path.unlink(missing_ok=True)
         top_spot, top_probability, f = kernel.top_k(p, result.g, top_k, executor)
+        if check is not None:
+            check_support(check, X, cost, kernel, result.g, executor).warn_if_failed(n_support)
         finished = result.converged
     finally:
         # A checkpointed run that did not finish keeps its kernel store for the resumed run.
@@ -243,6 +268,7 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
         "n_genes_requested": n_genes,
         "n_genes_used": len(genes),
         "sinkhorn_seconds": result.seconds,
+        **({"n_support": kernel.storage.n_support, **check.summary()} if check is not None else {}),
     }
     ds = assignment_dataset(top_spot, top_probability, cells.names, spot_matrix.names, spot_matrix.coords, f=f, attrs=attrs,
                             g=result.g, genes_missing_in_spots=selection.missing_in_spots,

@@ -31,14 +31,17 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
 from ssa_dask._block_math import scaling, to_kernel
+from ssa_dask._sparse_kernels import off_support, scatter_candidates
 from ssa_dask._sparse_block_math import (
     apply_columns_sparse,
     apply_rows_sparse,
@@ -51,21 +54,30 @@ from ssa_dask.cluster import Executor
 from ssa_dask.cost import PearsonCost
 from ssa_dask.errors import SSAInputError
 from ssa_dask.kernel import Kernel
-from ssa_dask.kernel_build import _max_cost, _resolve_eps
+from ssa_dask.kernel_build import LOG_DOMAIN_BELOW_LAM, _max_cost, _resolve_eps
 from ssa_dask.kernel_storage import MemoryBlocks
 
 log = logging.getLogger(__name__)
 
+#: Lloyd iterations of the spots' k-means.
+KMEANS_ITERATIONS = 10
 #: Default spots kept per cell.
 DEFAULT_SUPPORT = 512
 #: Candidates scored exactly per kept spot (sets ``n_probe`` when it is not given).
 CANDIDATES_PER_KEPT = 4
 #: Default random spots per cell that estimate the far field.
-DEFAULT_FAR = 64
+DEFAULT_FAR = 256
 #: Default cells of the sample that sets ``max D`` and checks the support.
 DEFAULT_SAMPLE = 2000
+#: The check passes when the sparse plan's best spot is the exact row's best spot for at least this
+#: share of the sampled cells.
+MIN_BEST_SPOT_AGREEMENT = 0.9
 #: Rows of the sample whose exact rows are formed at a time.
 _SAMPLE_ROWS = 256
+
+
+class ApproximationWarning(UserWarning):
+    """The sparse kernel's check on a sample of cells found it too far from the exact kernel."""
 
 
 @dataclass(frozen=True)
@@ -97,34 +109,42 @@ class SpotClusters:
         return np.diff(self.offsets)
 
 
-def cluster_spots(spot_profiles: np.ndarray, n_clusters: int, seed: int = 0) -> SpotClusters:
-    """Group spots by k-means on their unit z-profiles (the columns of ``spot_profiles``).
+def cluster_spots(spot_profiles: np.ndarray, n_clusters: int, seed: int = 0, n_iter: int = KMEANS_ITERATIONS
+                  ) -> SpotClusters:
+    """Group spots by spherical k-means on their unit z-profiles (the columns of ``spot_profiles``).
+
+    Lloyd iterations from ``n_clusters`` random spots: each spot joins the cluster direction it
+    correlates with most, each direction becomes its cluster's normalised mean (an emptied
+    cluster restarts at a random spot).  The clusters only steer the search for each cell's
+    support; the support's costs are exact whatever they are.
 
     Parameters
     ----------
     spot_profiles : (G, S) float32 array
         Centred unit spot profiles (:attr:`ssa_dask.cost.PearsonCost.spot_profiles`).
     n_clusters : int
-        Clusters ``C`` (``1 <= C <= S``); ``C = S`` puts every spot in its own cluster.
+        Clusters ``C`` (``1 <= C <= S``).
     seed : int
-        Seed of the k-means initialisation.
+        Seed of the initial directions.
+    n_iter : int
+        Lloyd iterations.
     """
-    from sklearn.cluster import KMeans
-
     n_spots = spot_profiles.shape[1]
     if not 1 <= n_clusters <= n_spots:
         raise SSAInputError(f"n_clusters must be between 1 and the number of spots ({n_spots}), got {n_clusters}")
-    points = np.ascontiguousarray(spot_profiles.T, dtype=np.float32)
-    if n_clusters == n_spots:
-        labels = np.arange(n_spots)
-    else:
-        labels = KMeans(n_clusters, n_init=1, max_iter=50, random_state=seed).fit(points).labels_
+    rng = np.random.default_rng(seed)
+    directions = spot_profiles[:, rng.choice(n_spots, n_clusters, replace=False)]
+    for _ in range(n_iter):
+        labels = (directions.T @ spot_profiles).argmax(axis=0)
+        sums = np.zeros((spot_profiles.shape[0], n_clusters), dtype=np.float64)
+        np.add.at(sums.T, labels, spot_profiles.T)
+        norms = np.linalg.norm(sums, axis=0)
+        empty = norms == 0
+        sums[:, empty] = spot_profiles[:, rng.choice(n_spots, int(empty.sum()), replace=False)]
+        directions = (sums / np.where(empty, 1.0, norms)).astype(np.float32)
+    labels = (directions.T @ spot_profiles).argmax(axis=0)
     order = np.argsort(labels, kind="stable").astype(np.int32)
     offsets = np.searchsorted(labels[order], np.arange(n_clusters + 1)).astype(np.int64)
-    sums = np.zeros((n_clusters, points.shape[1]), dtype=np.float64)
-    np.add.at(sums, labels, points)
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    directions = np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0).T.astype(np.float32)
     return SpotClusters(directions=np.ascontiguousarray(directions), order=order, offsets=offsets)
 
 
@@ -201,9 +221,8 @@ def support_block(block: Any, cost: PearsonCost, clusters: SpotClusters, *, n_pr
     for c in np.flatnonzero(np.diff(edges)):
         rows, slots = np.divmod(by_cluster[edges[c] : edges[c + 1]], n_probe)
         members = clusters.order[clusters.offsets[c] : clusters.offsets[c + 1]]
-        columns = start[rows, slots][:, None] + np.arange(members.size)
-        similarity[rows[:, None], columns] = np.abs(profiles[rows] @ cost.spot_profiles[:, members])
-        spots[rows[:, None], columns] = members
+        scatter_candidates(similarity, spots, rows, start[rows, slots],
+                           np.abs(profiles[rows] @ cost.spot_profiles[:, members]), members)
     if n_support < width:
         keep = np.argpartition(-np.nan_to_num(similarity, nan=0.0), n_support - 1, axis=1)[:, :n_support]
         similarity = np.take_along_axis(similarity, keep, axis=1)
@@ -226,18 +245,16 @@ def far_field(profiles: np.ndarray, cost: PearsonCost, support: np.ndarray, n_fa
               rng: np.random.Generator) -> np.ndarray:
     """Each row's mean exact kernel value over ``n_far`` random spots off its support (0 when none).
 
-    An unbiased estimate of the mean of the kernel over the spots the support leaves out.
+    The spots are drawn once for the block (without replacement, one GEMM for all its rows); for
+    each row the drawn spots off its support are a uniform sample of the spots its support leaves
+    out, so the mean is an unbiased estimate of the mean of the kernel over them.
     """
     n_rows, n_spots = profiles.shape[0], cost.n_spots
     if n_far < 1 or support.shape[1] >= n_spots:
         return np.zeros(n_rows, dtype=np.float32)
-    drawn = rng.integers(0, n_spots, size=(n_rows, n_far))
-    rows = np.arange(n_rows)[:, None]
-    off = ~np.isin(rows * n_spots + drawn, rows * n_spots + support)
-    similarity = np.empty((n_rows, n_far), dtype=np.float32)
-    for t in range(n_far):
-        similarity[:, t] = np.abs(np.einsum("ng,gn->n", profiles, cost.spot_profiles[:, drawn[:, t]]))
-    values = np.where(off, _kernel_of(similarity, eps), 0.0).sum(axis=1)
+    drawn = np.sort(rng.choice(n_spots, min(n_far, n_spots), replace=False)).astype(np.int32)
+    off = off_support(np.ascontiguousarray(support), np.broadcast_to(drawn, (n_rows, drawn.size)), n_spots)
+    values = np.where(off, _kernel_of(np.abs(profiles @ cost.spot_profiles[:, drawn]), eps), 0.0).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(off.any(axis=1), values / off.sum(axis=1), 0.0).astype(np.float32)
 
@@ -334,17 +351,58 @@ class SupportCheck:
     best_in_support: np.ndarray | None = None
     row_sum_error: np.ndarray | None = None
 
+    @property
+    def passed(self) -> bool:
+        """Whether the best spots of the sample agree often enough (``MIN_BEST_SPOT_AGREEMENT``); False before the check."""
+        return self.best_in_support is not None and float(np.mean(self.best_in_support)) >= MIN_BEST_SPOT_AGREEMENT
+
+    def warn_if_failed(self, n_support: int) -> None:
+        """Warn (:class:`ApproximationWarning`) with the numbers and the remedy when the check did not pass."""
+        if self.passed:
+            return
+        summary = self.summary()
+        warnings.warn(
+            f"sparse kernel check: on {summary['check_cells']} sampled cells the best spot of the sparse plan is the "
+            f"exact row's best spot for only {summary.get('best_spot_agreement', float('nan')):.1%} of them "
+            f"(needed {MIN_BEST_SPOT_AGREEMENT:.0%}; median share of the exact row on the support "
+            f"{summary.get('support_mass_median', float('nan')):.1%}): the plan is more diffuse than {n_support} spots "
+            "per cell hold. Use a larger n_support, or the dense kernel where it fits",
+            ApproximationWarning, stacklevel=3,
+        )
+
     def summary(self) -> dict[str, float]:
         """JSON scalars: the sample and search sizes, sampled max D, and the check's statistics."""
         out = {"check_cells": int(self.rows.size), "sampled_max_cost": self.sampled_max_cost,
                "n_clusters": self.clusters.n_clusters, "n_probe": self.n_probe, "n_far": self.n_far}
         if self.support_mass is not None:
-            out.update(support_mass_median=float(np.median(self.support_mass)),
+            out.update(check_passed=self.passed, support_mass_median=float(np.median(self.support_mass)),
                        support_mass_p05=float(np.quantile(self.support_mass, 0.05)),
                        best_spot_agreement=float(np.mean(self.best_in_support)),
                        row_sum_error_median=float(np.median(self.row_sum_error)),
                        row_sum_error_p95=float(np.quantile(self.row_sum_error, 0.95)))
         return out
+
+
+def candidate_width(n_support: int) -> int:
+    """float32 columns a block's candidate buffers take per cell (``|rho|`` and spot of each candidate).
+
+    What the width of a dense row is to the dense kernel: ``align`` sizes the row blocks by it.
+    """
+    return 2 * CANDIDATES_PER_KEPT * n_support
+
+
+def check_sparse_options(kernel: str, n_support: int, top_k: int, log_domain: bool | str) -> None:
+    """Raise :class:`SSAInputError` naming the problem unless ``align``'s kernel options are usable (before any compute)."""
+    if kernel not in ("dense", "multiscale"):
+        raise SSAInputError(f"kernel must be 'dense' or 'multiscale', got {kernel!r}")
+    if kernel == "dense":
+        return
+    if isinstance(n_support, bool) or not isinstance(n_support, int) or n_support < 1:
+        raise SSAInputError(f"n_support must be a positive integer, got {n_support!r}")
+    if top_k > n_support:
+        raise SSAInputError(f"top_k={top_k} exceeds the spots kept per cell (n_support={n_support})")
+    if log_domain is True:
+        raise SSAInputError("kernel='multiscale' works in the kernel domain only: use log_domain='auto' or False")
 
 
 def build_multiscale_kernel(
@@ -411,9 +469,14 @@ def build_multiscale_kernel(
     sampled_max = max(float(np.nanmax(cost.cost(sample[a : a + _SAMPLE_ROWS])))
                       for a in range(0, rows.size, _SAMPLE_ROWS))
     eps_value = _resolve_eps(sampled_max, lam, eps)
+    if eps_value < LOG_DOMAIN_BELOW_LAM * sampled_max:
+        raise SSAInputError(
+            f"eps={eps_value:.3g} is below {LOG_DOMAIN_BELOW_LAM} x max D ({sampled_max:.3g}), where the kernel domain "
+            "leaves float32's range; the sparse kernel has no log domain: use a larger lam or the dense kernel"
+        )
     log.info("sparse kernel: %d spots per cell, %d clusters, %d probed; max D %.6f on %d sampled cells, eps %.4g",
              n_support, clusters.n_clusters, n_probe, sampled_max, rows.size, eps_value)
-    packed = X.map_blocks(support_block, cost, clusters, n_probe=n_probe, n_support=n_support, eps=eps_value,
+    packed = X.map_blocks(support_block, dask.delayed(cost, pure=True), dask.delayed(clusters, pure=True), n_probe=n_probe, n_support=n_support, eps=eps_value,
                           n_far=n_far, seed=seed, dtype=np.float32, chunks=(X.chunks[0], (2 * n_support + 1,)),
                           meta=np.empty((0, 0), np.float32))
     blocks = executor.materialize_blocks(packed, label="sparse kernel blocks")
