@@ -1,19 +1,26 @@
-"""A sparse SSA kernel for slides too large for a dense one: each cell keeps its nearest spots, found coarse to fine.
+"""A sparse SSA kernel for slides too large for a dense one: each cell's nearest spots, found coarse to fine, plus a far field.
 
 A dense kernel takes ``n_cells * n_spots * 4`` bytes (400 GB at 1M cells x 100k spots).  Here each
-cell keeps only ``n_support`` spots, with their EXACT kernel values ``exp(-D_ij / eps)``:
+cell keeps ``n_support`` spots with their EXACT kernel values ``exp(-D_ij / eps)``, and one value
+``kappa_i`` for all the other spots:
 
-1. the spots' z-profiles (unit vectors, so ``1 - rho = |u - v|^2 / 2``) are grouped by k-means into
-   ``n_clusters`` clusters (:func:`cluster_spots`);
+1. the spots' z-profiles (unit vectors, so ``1 - rho = |u - v|^2 / 2``) are grouped by spherical
+   k-means into ``n_clusters`` clusters (:func:`cluster_spots`);
 2. each block of cells is scored against the cluster directions (one small GEMM); a cell's
    candidates are the spots of its ``n_probe`` best clusters by ``|rho|``;
 3. the exact costs of the candidates (one GEMM per cluster over the cells that probe it) are
-   ranked and the ``n_support`` cheapest kept, in a packed ``(n, 2 * n_support)`` block
-   (:mod:`ssa_dask._sparse_block_math`).
+   ranked and the ``n_support`` cheapest kept;
+4. the far field ``kappa_i`` is the mean exact kernel value over ``n_far`` random spots off the
+   cell's support (:func:`far_field`), an unbiased estimate of the mean kernel value there.
 
+Blocks are packed as ``(n, 2 * n_support + 1)`` float32 arrays (:mod:`ssa_dask._sparse_block_math`).
 Nothing of size ``n_cells x n_spots`` is ever formed.  Sinkhorn then runs unchanged on a
-:class:`SparseKernel`: the plan is the entropic OT plan restricted to that support (its marginals
-are matched exactly, on the support).
+:class:`SparseKernel`; the plan is the entropic OT plan of the kernel ``K~`` (exact on the support,
+``kappa_i`` off it), whose marginals are matched exactly.  At ``lam = 0.05`` the SSA plan is
+diffuse (a cell's best spot holds a minority of its mass): without the far field a truncated
+support drops that mass, the plan concentrates on the support, and a spot in no cell's support
+makes the marginals infeasible (Sinkhorn diverges); with it every entry is positive.  The
+comparison of these routes against the dense plan is ``benchmarks/bench_whole_slide.py``.
 
 ``eps = lam * max D`` needs the largest cost over all ``n * S`` pairs, which the support never sees
 (it keeps the *smallest* costs).  It is taken over a sample of ``n_sample`` cells against every
@@ -31,8 +38,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask
@@ -332,6 +340,9 @@ class SupportCheck:
         Far-field spots per cell and their seed.
     sampled_max_cost : float
         ``max D`` over the sample x all spots (sets ``eps``; a lower bound of the true ``max D <= 1``).
+    stage_seconds : dict
+        Wall time of the build's stages: ``clusters_s``, ``sample_s`` (``max D``), ``support_s``
+        (the blocks), and ``check_s`` once checked.
     support_mass : (n_sample,) float array, or None before :func:`check_support`
         Share of each sampled cell's exact plan row (all spots, solved ``g``) on its stored support.
     best_in_support : (n_sample,) bool array, or None
@@ -347,6 +358,7 @@ class SupportCheck:
     n_far: int
     seed: int
     sampled_max_cost: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     support_mass: np.ndarray | None = None
     best_in_support: np.ndarray | None = None
     row_sum_error: np.ndarray | None = None
@@ -373,7 +385,8 @@ class SupportCheck:
     def summary(self) -> dict[str, float]:
         """JSON scalars: the sample and search sizes, sampled max D, and the check's statistics."""
         out = {"check_cells": int(self.rows.size), "sampled_max_cost": self.sampled_max_cost,
-               "n_clusters": self.clusters.n_clusters, "n_probe": self.n_probe, "n_far": self.n_far}
+               "n_clusters": self.clusters.n_clusters, "n_probe": self.n_probe, "n_far": self.n_far,
+               **self.stage_seconds}
         if self.support_mass is not None:
             out.update(check_passed=self.passed, support_mass_median=float(np.median(self.support_mass)),
                        support_mass_p05=float(np.quantile(self.support_mass, 0.05)),
@@ -438,7 +451,7 @@ def build_multiscale_kernel(
         k-means clusters of spots (default ``round(sqrt(n_spots))``).
     n_probe : int, optional
         Clusters scored exactly per cell (default: enough for ``CANDIDATES_PER_KEPT * n_support``
-        candidates on average).
+        candidates on average; raised where needed so that every cell has ``n_support`` candidates).
     n_far : int
         Random spots per cell that estimate its far field (0: a plain truncation, the plan is zero
         off the support).
@@ -459,16 +472,21 @@ def build_multiscale_kernel(
     n_clusters = n_clusters or max(1, round(math.sqrt(n_spots)))
     if n_support == n_spots:
         n_clusters = n_probe = 1  # every spot is kept: one cluster, no search
+    start = time.perf_counter()
     clusters = cluster_spots(cost.spot_profiles, min(n_clusters, n_spots), seed)
+    seconds = {"clusters_s": time.perf_counter() - start}
     if n_probe is None:
         n_probe = math.ceil(CANDIDATES_PER_KEPT * n_support * clusters.n_clusters / n_spots)
     if n_probe < 1:
         raise SSAInputError(f"n_probe must be at least 1, got {n_probe}")
+    # enough clusters that even the smallest ones hold n_support candidates: no row is padded
+    n_probe = max(n_probe, int(np.searchsorted(np.cumsum(np.sort(clusters.sizes)), n_support)) + 1)
     rows = np.unique(np.linspace(0, n_cells - 1, min(n_sample, n_cells)).round().astype(np.int64))
     (sample,) = executor.compute(X[rows])
     sampled_max = max(float(np.nanmax(cost.cost(sample[a : a + _SAMPLE_ROWS])))
                       for a in range(0, rows.size, _SAMPLE_ROWS))
     eps_value = _resolve_eps(sampled_max, lam, eps)
+    seconds["sample_s"] = time.perf_counter() - start - seconds["clusters_s"]
     if eps_value < LOG_DOMAIN_BELOW_LAM * sampled_max:
         raise SSAInputError(
             f"eps={eps_value:.3g} is below {LOG_DOMAIN_BELOW_LAM} x max D ({sampled_max:.3g}), where the kernel domain "
@@ -482,10 +500,11 @@ def build_multiscale_kernel(
     blocks = executor.materialize_blocks(packed, label="sparse kernel blocks")
     bounds = np.cumsum((0,) + X.chunks[0])
     _max_cost(np.asarray(executor.map(_nan_rows, blocks)), bounds)  # raises on constant cells
+    seconds["support_s"] = time.perf_counter() - start - seconds["clusters_s"] - seconds["sample_s"]
     storage = SparseBlocks(blocks, bounds, n_spots, n_support=n_support)
     kernel = SparseKernel(storage, eps=eps_value, log_domain=False, max_cost=sampled_max)
     return kernel, SupportCheck(rows=rows, clusters=clusters, n_probe=n_probe, n_far=n_far, seed=seed,
-                                sampled_max_cost=sampled_max)
+                                sampled_max_cost=sampled_max, stage_seconds=seconds)
 
 
 def check_support(check: SupportCheck, X: da.Array, cost: PearsonCost, kernel: SparseKernel, g: np.ndarray,
@@ -495,6 +514,7 @@ def check_support(check: SupportCheck, X: da.Array, cost: PearsonCost, kernel: S
     Fills :attr:`SupportCheck.support_mass`, :attr:`SupportCheck.best_in_support` and
     :attr:`SupportCheck.row_sum_error` and returns ``check``.
     """
+    start = time.perf_counter()
     (sample,) = executor.compute(X[check.rows])
     b = scaling(np.asarray(g, np.float64), kernel.eps)
     mass, agree, error = [], [], []
@@ -514,4 +534,5 @@ def check_support(check: SupportCheck, X: da.Array, cost: PearsonCost, kernel: S
     check.support_mass = np.concatenate(mass)
     check.best_in_support = np.concatenate(agree)
     check.row_sum_error = np.concatenate(error)
+    check.stage_seconds["check_s"] = time.perf_counter() - start
     return check

@@ -155,7 +155,7 @@ def test_full_support_solves_the_dense_reference(typed_problem):
     cost = _cost_of(sc[:, reference.genes], spots[:, reference.genes])
     X = da.from_array(sc[:, reference.genes], chunks=(250, -1))
     kernel, check = build_multiscale_kernel(X, cost, Executor(), n_support=spots.shape[0], n_sample=10_000)
-    assert check.rows.size == sc.shape[0]
+    assert isinstance(kernel.storage, ssa_dask.KernelStorage) and check.rows.size == sc.shape[0]
     np.testing.assert_allclose(kernel.eps, reference.eps, rtol=1e-5)  # every cell sampled: the exact max D
     p, q = _masses(sc, spots)
     result = sinkhorn(kernel, p, q, tol=1e-8)
