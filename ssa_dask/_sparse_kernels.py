@@ -86,3 +86,31 @@ def off_support(support: np.ndarray, drawn: np.ndarray, n_spots: int) -> np.ndar
         for l in range(k):
             marked[support[i, l]] = False
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def keep_largest(similarity: np.ndarray, spots: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest entries of each row of ``similarity`` and their ``spots`` (in no particular order).
+
+    A selection per row (``np.partition`` of a copy), then one pass that keeps the entries above the
+    ``k``-th largest and as many equal to it as fit.
+    """
+    n, width = similarity.shape
+    values = np.empty((n, k), dtype=similarity.dtype)
+    kept = np.empty((n, k), dtype=spots.dtype)
+    for i in range(n):
+        threshold = np.partition(similarity[i].copy(), width - k)[width - k]
+        m = 0
+        for t in range(width):
+            if similarity[i, t] > threshold:
+                values[i, m] = similarity[i, t]
+                kept[i, m] = spots[i, t]
+                m += 1
+        for t in range(width):
+            if m == k:
+                break
+            if similarity[i, t] == threshold:
+                values[i, m] = similarity[i, t]
+                kept[i, m] = spots[i, t]
+                m += 1
+    return values, kept

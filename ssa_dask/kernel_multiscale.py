@@ -49,7 +49,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ssa_dask._block_math import scaling, to_kernel
-from ssa_dask._sparse_kernels import off_support, scatter_candidates
+from ssa_dask._sparse_kernels import keep_largest, off_support, scatter_candidates
 from ssa_dask._sparse_block_math import (
     apply_columns_sparse,
     apply_rows_sparse,
@@ -100,11 +100,14 @@ class SpotClusters:
         Spots sorted by cluster.
     offsets : (C + 1,) int64 array
         Cluster ``c`` holds ``order[offsets[c]:offsets[c + 1]]``.
+    profiles : (S, G) float32 array
+        The spots' unit profiles in that order, one row each, so a cluster's are a contiguous slice.
     """
 
     directions: np.ndarray
     order: np.ndarray
     offsets: np.ndarray
+    profiles: np.ndarray
 
     @property
     def n_clusters(self) -> int:
@@ -153,7 +156,8 @@ def cluster_spots(spot_profiles: np.ndarray, n_clusters: int, seed: int = 0, n_i
     labels = (directions.T @ spot_profiles).argmax(axis=0)
     order = np.argsort(labels, kind="stable").astype(np.int32)
     offsets = np.searchsorted(labels[order], np.arange(n_clusters + 1)).astype(np.int64)
-    return SpotClusters(directions=np.ascontiguousarray(directions), order=order, offsets=offsets)
+    return SpotClusters(directions=np.ascontiguousarray(directions), order=order, offsets=offsets,
+                        profiles=np.ascontiguousarray(spot_profiles[:, order].T))
 
 
 def unit_profiles(block: Any, cost: PearsonCost) -> np.ndarray:
@@ -228,19 +232,20 @@ def support_block(block: Any, cost: PearsonCost, clusters: SpotClusters, *, n_pr
     edges = np.searchsorted(flat[by_cluster], np.arange(clusters.n_clusters + 1))
     for c in np.flatnonzero(np.diff(edges)):
         rows, slots = np.divmod(by_cluster[edges[c] : edges[c + 1]], n_probe)
-        members = clusters.order[clusters.offsets[c] : clusters.offsets[c + 1]]
+        first, last = clusters.offsets[c], clusters.offsets[c + 1]
         scatter_candidates(similarity, spots, rows, start[rows, slots],
-                           np.abs(profiles[rows] @ cost.spot_profiles[:, members]), members)
+                           np.abs(profiles[rows] @ clusters.profiles[first:last].T), clusters.order[first:last])
+    constant = np.isnan(profiles[:, 0])
+    similarity[constant] = -1.0
     if n_support < width:
-        keep = np.argpartition(-np.nan_to_num(similarity, nan=0.0), n_support - 1, axis=1)[:, :n_support]
-        similarity = np.take_along_axis(similarity, keep, axis=1)
-        spots = np.take_along_axis(spots, keep, axis=1)
+        similarity, spots = keep_largest(similarity, spots, n_support)
     start_row = block_info[0]["array-location"][0][0] if block_info else 0
     far = far_field(profiles, cost, spots, n_far, eps, np.random.default_rng([seed, start_row]))
     padding = similarity < 0
     values = _kernel_of(similarity, eps)
     values[padding] = np.broadcast_to(far[:, None], values.shape)[padding]
     spots[padding] = 0
+    values[constant] = np.nan
     return pack_block(values, spots, far)
 
 

@@ -126,7 +126,7 @@ def test_one_spot_per_cluster_and_all_probed_is_the_dense_kernel(typed_problem):
     cost = _cost_of(sc, spots)
     n_spots = spots.shape[0]
     singletons = SpotClusters(directions=cost.spot_profiles.copy(), order=np.arange(n_spots, dtype=np.int32),
-                              offsets=np.arange(n_spots + 1, dtype=np.int64))
+                              offsets=np.arange(n_spots + 1, dtype=np.int64), profiles=cost.spot_profiles.T.copy())
     packed = support_block(sc, cost, singletons, n_probe=n_spots, n_support=n_spots, eps=0.05, n_far=16)
     np.testing.assert_allclose(_dense_of([packed], n_spots), np.exp(-pearson_cost(sc, spots) / 0.05), rtol=1e-4)
 
@@ -209,6 +209,16 @@ def test_align_multiscale_with_every_spot_kept_matches_the_reference(counts_prob
     np.testing.assert_allclose(ds["probability"].values, reference.probability, rtol=5e-4)
     assert ds.attrs["kernel_storage"] == "multiscale" and ds.attrs["check_passed"]
     assert ds.attrs["best_spot_agreement"] == 1.0
+
+
+def test_align_multiscale_on_a_cluster_equals_local_threads(typed_problem, cluster_client):
+    sc, spots = typed_problem
+    options = dict(n_genes=40, kernel="multiscale", n_support=30, tol=1e-7, block_rows=150)
+    local = ssa_dask.align(sc, spots, **options)
+    remote = ssa_dask.align(sc, spots, client=cluster_client, **options)  # blocks are futures on the workers
+    np.testing.assert_array_equal(remote["spot"].values, local["spot"].values)
+    np.testing.assert_allclose(remote["probability"].values, local["probability"].values, rtol=1e-5)
+    assert remote.attrs["best_spot_agreement"] == local.attrs["best_spot_agreement"]
 
 
 def test_align_multiscale_warns_when_the_support_is_too_small(typed_problem):
