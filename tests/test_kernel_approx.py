@@ -255,3 +255,24 @@ def test_small_lam_and_constant_cells_are_refused(counts_problem):
     constant[7] = np.delete(sc, 7, axis=0).mean(0)  # every gene at its mean: the z-profile is all zeros
     with pytest.raises(SSAInputError, match="constant z-profile"):
         ssa_dask.align(constant, spots, n_genes=30, kernel="multiscale", n_support=5)
+
+
+def test_cli_kernel_multiscale_equals_the_api_and_refuses_bad_options(tmp_path, counts_problem):
+    from typer.testing import CliRunner
+
+    from ssa_dask.cli import app
+    from test_cli import _write_counts
+
+    sc, spots = counts_problem
+    sc_path, spots_path = _write_counts(tmp_path, counts_problem)
+    out = tmp_path / "res.zarr"
+    runner = CliRunner()
+    args = ["align", str(sc_path), str(spots_path), "-o", str(out), "--scheduler", "threads", "--kernel", "multiscale"]
+    result = runner.invoke(app, [*args, "--n-support", "10"])
+    assert result.exit_code == 0, result.output
+    ds = ssa_dask.read_result(str(out))
+    direct = ssa_dask.align(sc, spots, kernel="multiscale", n_support=10)
+    np.testing.assert_array_equal(ds["spot"].values, direct["spot"].values)
+    assert ds.attrs["kernel_storage"] == "multiscale" and ds.attrs["n_support"] == 10
+    refused = runner.invoke(app, [*args, "--n-support", "2", "--top-k", "3", "--overwrite"])
+    assert refused.exit_code == 2 and "top_k=3 exceeds" in refused.output
