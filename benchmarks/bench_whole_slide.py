@@ -122,13 +122,11 @@ def solve(kernel: Any, data: dict[str, Any], executor: Any) -> dict[str, Any]:
 def _plan_rows(kernel: Any, index: int, p: np.ndarray, g: np.ndarray) -> np.ndarray:
     """Rows of block ``index`` of the plan after the row update, ``p_i K_ij b_j / (K b)_i``, dense float64."""
     from ssa_dask._block_math import load_block, scaling
-    from ssa_dask._sparse_block_math import unpack_block
+    from ssa_dask._sparse_block_math import dense_rows
 
     a, b = kernel.bounds[index], kernel.bounds[index + 1]
     if getattr(kernel.storage, "n_support", 0):
-        values, spots, far = unpack_block(kernel.blocks[index])
-        rows = np.repeat(far.astype(np.float64)[:, None], kernel.n_spots, axis=1)
-        np.put_along_axis(rows, spots, values.astype(np.float64), axis=1)
+        rows = dense_rows(kernel.blocks[index], kernel.n_spots)
     else:
         rows = np.asarray(load_block(kernel.blocks[index]), np.float64)
     rows *= scaling(g, kernel.eps)

@@ -37,6 +37,17 @@ def unpack_block(block: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             np.ascontiguousarray(packed[:, -1]))
 
 
+def dense_rows(block: Any, n_spots: int) -> np.ndarray:
+    """The dense float64 rows ``K~`` a packed block stands for: ``kappa_i`` everywhere, the support's values on it.
+
+    For checks and benchmarks on problems small enough to densify.
+    """
+    values, index, far = unpack_block(block)
+    rows = np.repeat(far.astype(np.float64)[:, None], n_spots, axis=1)
+    np.put_along_axis(rows, index, values.astype(np.float64), axis=1)
+    return rows
+
+
 def column_marginal_sparse_block(block: Any, p: np.ndarray, g: np.ndarray, eps: float, n_spots: int) -> np.ndarray:
     """The block's share of the plan's column marginal after the row update (kernel domain)."""
     packed = np.ascontiguousarray(load_block(block))

@@ -147,8 +147,8 @@ def cluster_spots(spot_profiles: np.ndarray, n_clusters: int, seed: int = 0, n_i
     directions = spot_profiles[:, rng.choice(n_spots, n_clusters, replace=False)]
     for _ in range(n_iter):
         labels = (directions.T @ spot_profiles).argmax(axis=0)
-        sums = np.zeros((spot_profiles.shape[0], n_clusters), dtype=np.float64)
-        np.add.at(sums.T, labels, spot_profiles.T)
+        members = sp.csr_matrix((np.ones(n_spots), (np.arange(n_spots), labels)), shape=(n_spots, n_clusters))
+        sums = np.asarray(spot_profiles.astype(np.float64) @ members)
         norms = np.linalg.norm(sums, axis=0)
         empty = norms == 0
         sums[:, empty] = spot_profiles[:, rng.choice(n_spots, int(empty.sum()), replace=False)]

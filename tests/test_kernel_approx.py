@@ -20,6 +20,7 @@ from ssa_dask._sparse_block_math import (
     apply_columns_sparse,
     apply_rows_sparse,
     column_marginal_sparse_block,
+    dense_rows,
     pack_block,
     top_k_sparse_block,
     unpack_block,
@@ -61,20 +62,20 @@ def _masses(sc: np.ndarray, spots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _dense_of(blocks: list[np.ndarray], n_spots: int) -> np.ndarray:
     """The dense ``K~`` of packed blocks: ``kappa_i`` everywhere, the support's values on it."""
-    rows = []
-    for block in blocks:
-        values, spots, far = unpack_block(block)
-        dense = np.repeat(far.astype(np.float64)[:, None], n_spots, axis=1)
-        np.put_along_axis(dense, spots, values.astype(np.float64), axis=1)
-        rows.append(dense)
-    return np.concatenate(rows)
+    return np.concatenate([dense_rows(block, n_spots) for block in blocks])
 
 
-def _random_block(rng: np.random.Generator, n: int, k: int, n_spots: int, kappa_scale: float) -> np.ndarray:
+def _random_block(rng: np.random.Generator, n: int, k: int, n_spots: int, kappa_scale: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """A packed block of random support values, spots and far field, and the dense matrix it stands for."""
     spots = np.stack([rng.choice(n_spots, k, replace=False) for _ in range(n)])
     far = (rng.random(n) * kappa_scale).astype(np.float32)
     values = (rng.random((n, k)) + 0.1).astype(np.float32)
-    return pack_block(values, spots, far)
+    dense = np.empty((n, n_spots))
+    for i in range(n):
+        dense[i] = far[i]
+        dense[i, spots[i]] = values[i]
+    return pack_block(values, spots, far), dense
 
 
 # ----------------------------------------------------------------------------- per-block maths
@@ -82,8 +83,8 @@ def _random_block(rng: np.random.Generator, n: int, k: int, n_spots: int, kappa_
 def test_block_maths_match_the_dense_matrix_they_stand_for(kappa_scale):
     rng = np.random.default_rng(0)
     n_spots, eps = 40, 0.1
-    block = _random_block(rng, 25, 7, n_spots, kappa_scale)
-    K = _dense_of([block], n_spots)
+    block, K = _random_block(rng, 25, 7, n_spots, kappa_scale)
+    np.testing.assert_array_equal(dense_rows(block, n_spots), K)
     p = rng.random(25) + 0.1
     g = rng.standard_normal(n_spots) * 0.05
     b = np.exp((g - g.max()) / eps)
@@ -211,9 +212,9 @@ def test_align_multiscale_with_every_spot_kept_matches_the_reference(counts_prob
     assert ds.attrs["best_spot_agreement"] == 1.0
 
 
-def test_align_multiscale_on_a_cluster_equals_local_threads(typed_problem, cluster_client):
-    sc, spots = typed_problem
-    options = dict(n_genes=40, kernel="multiscale", n_support=30, tol=1e-7, block_rows=150)
+def test_align_multiscale_on_a_cluster_equals_local_threads(counts_problem, cluster_client):
+    sc, spots = counts_problem
+    options = dict(n_genes=30, kernel="multiscale", n_support=10, tol=1e-7, block_rows=100)
     local = ssa_dask.align(sc, spots, **options)
     remote = ssa_dask.align(sc, spots, client=cluster_client, **options)  # blocks are futures on the workers
     np.testing.assert_array_equal(remote["spot"].values, local["spot"].values)
