@@ -20,7 +20,7 @@ Usage::
 
     ssa-dask synth DATA --cells 50000 --spots 20000 --genes 500
     python benchmarks/bench_whole_slide.py compare DATA --support 32 128 512 --name compare_50000x20000
-    python benchmarks/bench_whole_slide.py scale DATA --support 256 --name scale_200000x20000
+    python benchmarks/bench_whole_slide.py scale DATA --support 256 --child --name scale_200000x20000
 
 Timings are noisy on a shared machine: compare the routes measured in one run.
 """
@@ -29,12 +29,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+# One BLAS thread per Dask thread: the sparse build's GEMMs are small (a cluster's spots against the
+# cells that probe it), and two BLAS threads under each of two Dask threads ran them ~5x slower on
+# the loaded 2-core machine.  Set before NumPy loads its BLAS.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PeakMemory, loadavg, print_table, run_child, write_result  # noqa: E402
@@ -257,8 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("mode", choices=["compare", "scale"])
     parser.add_argument("data", help="directory written by `ssa-dask synth`, or a single-cell slide (.h5ad) to bin")
     parser.add_argument("--slide-spots", type=int, default=5000, help="spots to bin an .h5ad slide into")
-    parser.add_argument("--support", type=int, nargs="+", default=[32, 128, 512], help="spots kept per cell")
-    parser.add_argument("--far", type=int, nargs="+", default=[0, 64],
+    parser.add_argument("--support", type=int, nargs="+", default=[32, 128, 512],
+                        help="spots kept per cell (scale: the first)")
+    parser.add_argument("--far", type=int, nargs="+", default=[0, 256],
                         help="far-field spots per cell (0: plain truncation) of each multiscale support")
     parser.add_argument("--exact-top-k", type=int, nargs="*", default=[128],
                         help="supports also solved with every cluster probed (exact top-k truncation, no far field)")
@@ -269,18 +277,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help="run in a fresh process and sample its peak RSS")
     args = parser.parse_args(argv)
+    load = loadavg()
     if args.child:
         out = Path(args.result or "whole_slide_child.json")
         forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--child"]
         payload = run_child(__file__, forwarded, out.with_suffix(".child.json"), out.with_suffix(".log"))
     else:
-        load = loadavg()
         payload = compare(args) if args.mode == "compare" else scale(args)
         if args.result:
             Path(args.result).write_text(json.dumps(payload, default=float))
             return
     if args.name:
-        write_result(f"whole_slide/{args.name}", payload, loadavg() if args.child else load)
+        write_result(f"whole_slide/{args.name}", payload, load)
 
 
 if __name__ == "__main__":

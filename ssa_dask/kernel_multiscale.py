@@ -22,6 +22,10 @@ support drops that mass, the plan concentrates on the support, and a spot in no 
 makes the marginals infeasible (Sinkhorn diverges); with it every entry is positive.  The
 comparison of these routes against the dense plan is ``benchmarks/bench_whole_slide.py``.
 
+The build's GEMMs are small (a cluster's spots against the cells that probe it) and run inside
+the executor's threads, one per core: give BLAS one thread each (``OPENBLAS_NUM_THREADS=1``), or
+the two levels of threads oversubscribe the cores (5x slower on a loaded 2-core machine).
+
 ``eps = lam * max D`` needs the largest cost over all ``n * S`` pairs, which the support never sees
 (it keeps the *smallest* costs).  It is taken over a sample of ``n_sample`` cells against every
 spot (exact when ``n_sample >= n_cells``).  Since ``|rho| >= 0``, ``max D <= 1``: the sample max is
