@@ -53,7 +53,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from ssa_dask._block_math import scaling, to_kernel
-from ssa_dask._sparse_kernels import keep_largest, off_support, scatter_candidates
 from ssa_dask._sparse_block_math import (
     apply_columns_sparse,
     apply_rows_sparse,
@@ -62,6 +61,7 @@ from ssa_dask._sparse_block_math import (
     top_k_sparse_block,
     unpack_block,
 )
+from ssa_dask._sparse_kernels import keep_largest, off_support, scatter_candidates
 from ssa_dask.cluster import Executor
 from ssa_dask.cost import PearsonCost
 from ssa_dask.errors import SSAInputError
@@ -301,7 +301,8 @@ class SparseBlocks(MemoryBlocks):
 class SparseKernel(Kernel):
     """A :class:`~ssa_dask.kernel.Kernel` over :class:`SparseBlocks` (kernel domain only).
 
-    :func:`ssa_dask.sinkhorn.sinkhorn` runs on it unchanged; the plan is zero off the stored support.
+    :func:`ssa_dask.sinkhorn.sinkhorn` runs on it unchanged.  Off a row's stored support every entry
+    of the kernel is the row's far-field value (0 for a plain truncation, where the plan is zero).
     """
 
     def column_marginal(self, p: Any, g: np.ndarray, executor: Executor, *, log: bool = False) -> np.ndarray:
