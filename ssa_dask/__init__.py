@@ -33,6 +33,7 @@ from ssa_dask.genes import GeneSelection, select_genes, top_variance_genes
 from ssa_dask.io import ExpressionMatrix, ingest, read_expression
 from ssa_dask.kernel import Kernel
 from ssa_dask.kernel_build import build_kernel, kernel_from_array
+from ssa_dask.kernel_multiscale import ApproximationWarning, SparseBlocks, SparseKernel, build_multiscale_kernel, check_support
 from ssa_dask.kernel_storage import DiskBlocks, KernelStorage, MemoryBlocks
 from ssa_dask.kernel_store import KernelStoreError
 from ssa_dask.plan import TransportPlan, open_plan
@@ -57,6 +58,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ApproximationWarning",
     "Checkpoint",
     "ConvergenceWarning",
     "Executor",
@@ -77,11 +79,15 @@ __all__ = [
     "SinkhornNumericalError",
     "SinkhornProgress",
     "SinkhornResult",
+    "SparseBlocks",
+    "SparseKernel",
     "TransportPlan",
     "add_to_anndata",
     "align",
     "assignment_dataset",
     "build_kernel",
+    "build_multiscale_kernel",
+    "check_support",
     "column_potential",
     "composition",
     "connect",

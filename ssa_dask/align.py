@@ -22,6 +22,8 @@ from ssa_dask.genes import select_genes
 from ssa_dask.io import ExpressionMatrix, read_expression
 from ssa_dask.kernel_build import LOG_DOMAIN_BELOW_LAM, MEMORY_SHARE_FOR_KERNEL, build_kernel, check_dtype_domain
 from ssa_dask.kernel_precision import ENTRY_BYTES, check_kernel_dtype, choose_kernel_dtype
+from ssa_dask.kernel_multiscale import (DEFAULT_SUPPORT, build_multiscale_kernel, candidate_width, check_sparse_options,
+                                       check_support)
 from ssa_dask.kernel_store import local_directory
 from ssa_dask.progress import SinkhornProgress
 from ssa_dask.refine import DEFAULT_ETA, DEFAULT_INNER, check_refine_options, refine_solution, with_refinement
@@ -52,6 +54,8 @@ def align(
     kernel_path: str | None = None,
     memory_budget: int | None = None,
     kernel_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto",
+    kernel: Literal["dense", "multiscale"] = "dense",
+    n_support: int = DEFAULT_SUPPORT,
     init_g: np.ndarray | None = None,
     checkpoint: str | None = None,
     client: Any = None,
@@ -125,6 +129,15 @@ def align(
         in memory (see ``memory_budget``) but a float16 one would and the storage may be memory,
         else float32; always float32 in the log domain.  float16/bfloat16 in the log domain are
         refused.  The choice is recorded in the attrs (``kernel_dtype``).
+    kernel : {"dense", "multiscale"}
+        The dense kernel (exact), or a sparse one for slides too large for it: each cell keeps its
+        ``n_support`` nearest spots (found through k-means clusters of the spots, exact costs) and
+        a far-field value for the others (:mod:`ssa_dask.kernel_multiscale`; kernel domain, in
+        memory; ``eps`` from ``max D`` on a sample of cells).  The sparse plan is checked on that
+        sample against the exact kernel; an :class:`~ssa_dask.kernel_multiscale.ApproximationWarning`
+        says when it is too far, and ``attrs`` record the check.
+    n_support : int
+        Spots kept per cell by ``kernel="multiscale"``.
     init_g : (n_spots,) array, optional
         Warm-start column potential (e.g. ``ssa_dask.column_potential(result)`` of an earlier run).
     checkpoint : str, optional
@@ -194,6 +207,10 @@ def align(
     if refine is not None and kernel_dtype not in ("auto", "float32"):
         raise SSAInputError(f"refine needs a float32 kernel (its steps rewrite the kernel's values), got "
                             f"kernel_dtype={kernel_dtype!r}")
+    check_sparse_options(kernel, n_support, top_k, log_domain)
+    if kernel == "multiscale" and (refine is not None or kernel_dtype not in ("auto", "float32")):
+        raise SSAInputError("kernel='multiscale' keeps float32 sparse rows and cannot be refined: use the dense kernel "
+                            "for refine or kernel_dtype")
     checkpoint = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
     cells = read_expression(sc, layer=sc_layer, gene_key=gene_key, log1p=log1p, role="scRNA")
     spot_matrix = read_expression(spots, layer=spots_layer, gene_key=gene_key, log1p=log1p, role="spots")
@@ -203,8 +220,9 @@ def align(
                         capacity=capacity, tol=tol,
                         max_iter=max_iter, log_domain=log_domain, top_k=top_k, block_rows=block_rows,
                         kernel_storage=kernel_storage, kernel_path=kernel_path, memory_budget=memory_budget,
-                        kernel_dtype=kernel_dtype, init_g=init_g, checkpoint=checkpoint, progress=progress,
-                        drop_empty=drop_empty, refine=refine, refine_eta=refine_eta, refine_inner=refine_inner)
+                        kernel_dtype=kernel_dtype, kernel_method=kernel, n_support=n_support, init_g=init_g,
+                        checkpoint=checkpoint, progress=progress, drop_empty=drop_empty, refine=refine,
+                        refine_eta=refine_eta, refine_inner=refine_inner)
     # How the inputs were read, so that open_plan can read them the same way.
     result.attrs.update(log1p=int(log1p), sc_layer=sc_layer or "", spots_layer=spots_layer or "", gene_key=gene_key or "",
                         spot_mass=marginals if spot_mass is None else spot_mass if isinstance(spot_mass, str) else "array")
@@ -213,8 +231,8 @@ def align(
 
 def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Executor, *, n_genes, lam, eps, marginals,
            capacity=None, tol, max_iter, log_domain, top_k, block_rows, kernel_storage, kernel_path, memory_budget, init_g,
-           checkpoint, progress, drop_empty=False, kernel_dtype="auto", refine=None, refine_eta=DEFAULT_ETA,
-           refine_inner=DEFAULT_INNER) -> xr.Dataset:
+           checkpoint, progress, drop_empty=False, kernel_dtype="auto", kernel_method="dense",
+           n_support=DEFAULT_SUPPORT, refine=None, refine_eta=DEFAULT_ETA, refine_inner=DEFAULT_INNER) -> xr.Dataset:
     log.info("scRNA: %d cells x %d genes; spots: %d x %d genes", *cells.shape, *spot_matrix.shape)
     inputs = _checked_inputs(cells, spot_matrix, executor, marginals, drop_empty)
     cells, spot_matrix, cell_summary, spot_summary = inputs.cells, inputs.spots, inputs.cell_summary, inputs.spot_summary
@@ -232,19 +250,27 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
     cost = lazy_pearson_cost(cell_summary.mean[cell_cols], cell_summary.std[cell_cols],
                              spot_matrix.select_genes(genes).X, spot_summary.mean[spot_cols], spot_summary.std[spot_cols])
 
-    rows = block_rows or default_block_rows(n_cells, n_spots, len(genes), executor.n_threads(), cells.X.chunks[0][0])
+    width = n_spots if kernel_method == "dense" else candidate_width(n_support)
+    rows = block_rows or default_block_rows(n_cells, width, len(genes), executor.n_threads(), cells.X.chunks[0][0])
     X = cells.select_genes(genes).rechunk_rows(rows).X
-    budget = memory_budget or executor.memory_bytes()
-    dtype = _choose_kernel_dtype("float32" if refine is not None else kernel_dtype, kernel_storage, log_domain, lam, eps,
-                                 n_cells * n_spots, budget)
-    storage = _choose_storage(kernel_storage, n_cells * n_spots * ENTRY_BYTES[dtype], budget)
-    log.info("kernel %d x %d %s (%.2f GB) in %s, %d blocks of %d cells", n_cells, n_spots, dtype,
-             n_cells * n_spots * ENTRY_BYTES[dtype] / 1e9, storage, math.ceil(n_cells / rows), rows)
-    fingerprint = _fingerprint(cell_summary, spot_summary, genes, lam, eps, log_domain, rows)
-    kernel = build_kernel(cost_blocks(X, cost, n_spots), executor, lam=None if eps is not None else lam, eps=eps,
-                          log_domain=log_domain, storage=storage, path=kernel_path,
-                          checkpoint=checkpoint if storage == "zarr" else None, fingerprint=fingerprint,
-                          kernel_dtype=dtype)
+    check = None
+    if kernel_method == "multiscale":
+        storage, dtype = "multiscale", "float32"
+        (cost,) = executor.compute(cost)
+        kernel, check = build_multiscale_kernel(X, cost, executor, lam=None if eps is not None else lam, eps=eps,
+                                                n_support=n_support)
+    else:
+        budget = memory_budget or executor.memory_bytes()
+        dtype = _choose_kernel_dtype("float32" if refine is not None else kernel_dtype, kernel_storage, log_domain, lam,
+                                     eps, n_cells * n_spots, budget)
+        storage = _choose_storage(kernel_storage, n_cells * n_spots * ENTRY_BYTES[dtype], budget)
+        log.info("kernel %d x %d %s (%.2f GB) in %s, %d blocks of %d cells", n_cells, n_spots, dtype,
+                 n_cells * n_spots * ENTRY_BYTES[dtype] / 1e9, storage, math.ceil(n_cells / rows), rows)
+        fingerprint = _fingerprint(cell_summary, spot_summary, genes, lam, eps, log_domain, rows)
+        kernel = build_kernel(cost_blocks(X, cost, n_spots), executor, lam=None if eps is not None else lam, eps=eps,
+                              log_domain=log_domain, storage=storage, path=kernel_path,
+                              checkpoint=checkpoint if storage == "zarr" else None, fingerprint=fingerprint,
+                              kernel_dtype=dtype)
     finished = False
     try:
         p = kernel.row_vector(_masses(cell_summary.row_totals, marginals), executor)
@@ -265,6 +291,8 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
                                       option=refine, eta=refine_eta, inner=refine_inner, tol=tol)
             g = refined.g
         top_spot, top_probability, f = kernel.top_k(p, g, top_k, executor)
+        if check is not None:
+            check_support(check, X, cost, kernel, g, executor).warn_if_failed(n_support)
         finished = result.converged
     finally:
         # A checkpointed run that did not finish keeps its kernel store for the resumed run.
@@ -287,6 +315,7 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
         "n_genes_requested": n_genes,
         "n_genes_used": len(genes),
         "sinkhorn_seconds": result.seconds,
+        **({"n_support": kernel.storage.n_support, **check.summary()} if check is not None else {}),
     }
     ds = assignment_dataset(top_spot, top_probability, cells.names, spot_matrix.names, spot_matrix.coords, f=f, attrs=attrs,
                             g=g, genes_missing_in_spots=selection.missing_in_spots,

@@ -418,6 +418,10 @@ def _check_result(result: xr.Dataset) -> None:
     if missing:
         raise SSAInputError(f"the result lacks {missing}: open_plan needs a result of ssa_dask.align (potentials, "
                             "eps and the genes used)")
+    if result.attrs.get("kernel_storage") == "multiscale":
+        raise SSAInputError("this result was aligned with kernel='multiscale' (a sparse kernel of each cell's nearest "
+                            "spots plus a far field): open_plan rebuilds plans from the dense cost and would not give "
+                            "that result's plan; align with the dense kernel to explore the whole plan")
 
 
 def _check_shapes(result: xr.Dataset, cells: ExpressionMatrix, spots: ExpressionMatrix, genes: pd.Index) -> None:

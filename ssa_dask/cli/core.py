@@ -29,6 +29,13 @@ class Domain(str, Enum):
     kernel = "kernel"
 
 
+class KernelMethod(str, Enum):
+    """Dense kernel, or the sparse multiscale one."""
+
+    dense = "dense"
+    multiscale = "multiscale"
+
+
 class Storage(str, Enum):
     """Where kernel blocks live."""
 
@@ -129,6 +136,8 @@ def align_command(
     kernel_storage: Storage = typer.Option(Storage.auto, help="Kernel blocks in worker memory or streamed from Zarr."),
     kernel_path: Path | None = typer.Option(None, help="Scratch directory for the kernel store (removed after the run; shared file system on a multi-node cluster)."),
     kernel_dtype: KernelDtype = typer.Option(KernelDtype.auto, help="Stored kernel entries: float16/bfloat16 rows (each scaled to max 1) halve memory and bytes read per iteration; auto picks float16 only when float32 would not fit in memory. Kernel domain only."),
+    kernel: KernelMethod = typer.Option(KernelMethod.dense, help="'dense' (exact) or 'multiscale': a sparse kernel of --n-support nearest spots per cell plus a far field, for slides too large for a dense kernel (checked on a sample of cells)."),
+    n_support: int = typer.Option(512, help="Spots kept per cell with --kernel multiscale."),
     block_rows: int | None = typer.Option(None, help="Cells per block (default: ~128 MiB blocks)."),
     checkpoint: Path | None = typer.Option(None, help="Save Sinkhorn state here every 10 iterations; a rerun resumes from it and reuses the kernel store."),
     log1p: bool | None = typer.Option(None, "--log1p/--no-log1p", help="Apply log(1+x) to both matrices first. Default OFF here (inputs are usually normalised already), unlike `simulate` and `benchmark` (default ON, they bin raw counts); without either flag, a warning is logged when the input looks like raw counts."),
@@ -160,6 +169,7 @@ def align_command(
     """
     import ssa_dask
     from ssa_dask.cluster import connect, tls_security
+    from ssa_dask.kernel_multiscale import check_sparse_options
 
     setup_logging(verbose)
     warn_raw_counts = log1p is None
@@ -169,6 +179,7 @@ def align_command(
         from ssa_dask.cli import _checks
 
         refine_value = _checks.refine_steps(refine)
+        check_sparse_options(kernel.value, n_support, top_k, domain)
         cells, spot_matrix, security = _preflight(
             sc, spots, out, obs_out, checkpoint, kernel_path, kernel_storage.value, overwrite,
             kernel_dtype=kernel_dtype.value, domain=domain,
@@ -194,7 +205,7 @@ def align_command(
                 max_iter=max_iter, log_domain=domain, top_k=top_k, block_rows=block_rows,
                 kernel_storage=kernel_storage.value, kernel_path=str(kernel_path) if kernel_path else None,
                 kernel_dtype=kernel_dtype.value, client=executor.client, progress=True, checkpoint=str(checkpoint) if checkpoint else None,
-                drop_empty=drop_empty, log1p=log1p, spot_mass=spot_mass,
+                drop_empty=drop_empty, log1p=log1p, spot_mass=spot_mass, kernel=kernel.value, n_support=n_support,
                 refine=refine_value, refine_eta=refine_eta, refine_inner=refine_inner,
             )
         _write_outputs(result, out, obs_out, overwrite)
