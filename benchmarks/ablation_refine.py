@@ -68,9 +68,16 @@ REFERENCE = {
     "xenium_breast_scider": {"ssa": (6.582, 0.381, 0.59), "tangram": (4.843, 0.603, 187.00)},
 }
 ROW_SAMPLE = 4096
+#: The variant and step count picked as the refined mode's default (see REPORT_CHOICE).
+CHOICE = ("capacity0.5 uniform refine", "50")
+REPORT_CHOICE = """
+**Interim (10:40): the chosen variant has run on replicate 0 only; the three-replicate numbers
+and Tangram with the prior follow.**
+"""
 REPORT_HEAD = """# Refined mode: guard ablation (issue 12)
 
-Written by `benchmarks/ablation_refine.py --report` from `runs.csv` and `tangram.csv`.
+Written by `benchmarks/ablation_refine.py --report` from the records `runs*.csv` and `tangram.csv`
+(one row per slide, replicate, variant, step checkpoint and assignment rule).
 """
 
 
@@ -80,6 +87,7 @@ class Variant:
 
     name: str
     capacity: bool = False
+    capacity_power: float = 1.0
     marginals: str = "total"
     steps: int = 0
     eta: float = 5.0
@@ -250,7 +258,7 @@ def run_variant(prob: Problem, v: Variant, ssa_seconds: float, heldout_seed: int
     marginals differ from SSA's, plus the dense refine steps; scoring is not counted.
     """
     start = time.perf_counter()
-    q = prob.q_capacity if v.capacity else prob.q_total
+    q = prob.q_capacity**v.capacity_power / (prob.q_capacity**v.capacity_power).sum() if v.capacity else prob.q_total
     n, J = prob.cost.shape
     p = prob.p if v.marginals == "total" else np.full(n, 1.0 / n)
     if v.marginals != "total":
@@ -344,6 +352,10 @@ def variants() -> list[Variant]:
         Variant("capacity uniform refine auto", capacity=True, marginals="uniform", steps=50, auto=True),
         replace(long, name="capacity uniform refine eta10", eta=10.0),
         replace(long, name="uniform refine", capacity=False),
+        Variant("ssa capacity0.5 uniform", capacity=True, capacity_power=0.5, marginals="uniform", checkpoints=(0,)),
+        replace(long, name="capacity0.5 uniform refine", capacity_power=0.5),
+        replace(long, name="capacity uniform refine zscore eta10", representation="zscore", eta=10.0),
+        replace(long, name="capacity0.5 uniform refine eta10", capacity_power=0.5, eta=10.0),
     ]
     return out
 
@@ -431,12 +443,51 @@ def markdown(summary: pd.DataFrame, rules: tuple[str, ...] = tuple(ASSIGNMENTS))
     return "\n".join(lines)
 
 
+def _pick(summary: pd.DataFrame, slide: str, variant: str, step: str, rule: str = "argmax"):
+    rows = summary[(summary["slide"] == slide) & (summary["variant"] == variant) & (summary["step"] == step)
+                   & (summary["assignment"] == rule)]
+    return None if rows.empty else rows.iloc[0]
+
+
+def choice_table(summary: pd.DataFrame, timing_table: pd.DataFrame | None) -> str:
+    """The chosen variant against SSA, Tangram and Tangram with the density prior, per slide."""
+    variant, step = CHOICE
+    lines = ["| slide | SSA (paper protocol) | Tangram (paper protocol) | Tangram + density prior (replicate 0) "
+             "| chosen (mean ± sd) | replicates | accuracy goal | est. seconds | Tangram / 10 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for slide, ref in REFERENCE.items():
+        chosen = _pick(summary, slide, variant, step)
+        prior = _pick(summary, slide, "tangram density prior", "0")
+        if chosen is None:
+            continue
+        ok = meets_goal(slide, chosen.grid_mean, chosen.exact_mean, 0.0)
+        prior_text = "—" if prior is None else (f"{prior.grid_mean:.3f} / {100 * prior.exact_mean:.1f} % "
+                                                 f"({prior.seconds:.0f} s)")
+        est = "—"
+        if timing_table is not None and slide in set(timing_table["slide"]):
+            t = timing_table[timing_table["slide"] == slide].set_index("what")["seconds"]
+            start, per_step = t["ssa capacity uniform (align)"], t["one dense refine step (NumPy float64)"]
+            est = f"{start + int(step) * per_step:.1f} ({start:.1f} + {step} × {per_step:.2f})"
+        lines.append(
+            f"| {slide} | {ref['ssa'][0]:.3f} / {100 * ref['ssa'][1]:.1f} % | {ref['tangram'][0]:.3f} / "
+            f"{100 * ref['tangram'][1]:.1f} % ({ref['tangram'][2]:.0f} s) | {prior_text} | "
+            f"{chosen.grid_mean:.3f} ± {chosen.grid_sd:.3f} / {100 * chosen.exact_mean:.1f} ± {100 * chosen.exact_sd:.1f} % "
+            f"| {chosen.replicates} | {ok} | {est} | {ref['tangram'][2] / 10:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(out: Path) -> None:
     """Write ``ablation.csv`` (every checkpoint and rule) and ``ablation.md`` from the records."""
-    frames = [pd.read_csv(out / name) for name in ("runs.csv", "tangram.csv") if (out / name).exists()]
-    summary = summarise(pd.concat(frames, ignore_index=True))
+    frames = [pd.read_csv(path) for path in sorted(out.glob("runs*.csv")) + sorted(out.glob("tangram*.csv"))]
+    runs = pd.concat(frames, ignore_index=True)
+    runs = runs.assign(step=runs["step"].astype(str)).drop_duplicates(KEY + ["step", "assignment"], keep="first")
+    summary = summarise(runs)
     summary.to_csv(out / "ablation.csv", index=False)
-    text = [REPORT_HEAD, markdown(summary, ("argmax",)), "## Distance-aware assignment", "",
+    timing_table = pd.read_csv(out / "timing.csv") if (out / "timing.csv").exists() else None
+    text = [REPORT_HEAD, f"## The chosen refined mode: `{CHOICE[0]}`, N = {CHOICE[1]}", "",
+            choice_table(summary, timing_table), REPORT_CHOICE,
+            "## All variants (largest-plan-entry assignment)", "", markdown(summary, ("argmax",)),
+            "## Distance-aware assignment", "",
             "The same runs, cells assigned by the distance-aware rule instead of the plan's largest entry "
             "(`dist k3 m5`: best of the top-3 spots by expected distance to the top-5).", "",
             markdown(summary, ("dist k3 m5",))]
@@ -465,11 +516,12 @@ def timing(slide: str, repeats: int = 3) -> list[dict]:
 KEY = ["slide", "replicate", "variant"]
 
 
-def done_keys(path: Path) -> set[tuple]:
-    """The (slide, replicate, variant) runs already in a records file."""
-    if not path.exists():
-        return set()
-    return set(map(tuple, pd.read_csv(path)[KEY].drop_duplicates().itertuples(index=False)))
+def done_keys(out: Path) -> set[tuple]:
+    """The (slide, replicate, variant) runs already in the records ``runs*.csv`` of ``out``."""
+    keys: set[tuple] = set()
+    for path in out.glob("runs*.csv"):
+        keys |= set(map(tuple, pd.read_csv(path)[KEY].drop_duplicates().itertuples(index=False)))
+    return keys
 
 
 def save(rows: list[dict], path: Path) -> pd.DataFrame:
@@ -479,7 +531,9 @@ def save(rows: list[dict], path: Path) -> pd.DataFrame:
         old = pd.read_csv(path)
         new_keys = pd.MultiIndex.from_frame(runs[KEY].drop_duplicates())
         runs = pd.concat([old[~pd.MultiIndex.from_frame(old[KEY]).isin(new_keys)], runs], ignore_index=True)
-    runs.to_csv(path, index=False)
+    tmp = path.with_suffix(".tmp")
+    runs.to_csv(tmp, index=False)
+    tmp.replace(path)  # atomic: another run of this script may read the file at the same time
     return runs
 
 
@@ -505,7 +559,7 @@ def main() -> None:
         return
     chosen = [v for v in variants() if args.variants is None or v.name in args.variants]
     rows = []
-    done = set() if args.redo else done_keys(args.out / "runs.csv")
+    done = set() if args.redo else done_keys(args.out)
     for slide in args.slides:
         spots, reps = load_slide(slide, args.replicates)
         run_method("ssa", *_method_inputs(reps[0], spots, "cell_type"))  # warm-up: compile the kernels once
