@@ -494,7 +494,7 @@ def report(out: Path) -> None:
     (out / "ablation.md").write_text("\n".join(text))
 
 
-def timing(slide: str, repeats: int = 3) -> list[dict]:
+def timing(slide: str, repeats: int = 2) -> list[dict]:
     """Seconds of the SSA starts (``ssa_dask.align`` through the benchmark's peer timer) and of one
     dense refine step, on replicate 0, each the minimum of ``repeats`` runs (the machine is shared)."""
     spots, reps = load_slide(slide, 1)
