@@ -88,17 +88,19 @@ spot, as counted by nuclei segmentation of the section (obs `n_cells` of the bin
 slide's cells). Tangram gets the same counts as `density_prior = n_cells / sum` (table above).
 
 **Goal.** The accuracy goal is met on both slides over the 3 benchmark replicates: mean distance
-and exact-spot accuracy each beat the better of SSA and Tangram, and beat Tangram given the same
-prior. The time goal (≤ 1/10 of Tangram) is **not demonstrated** by this probe. Every time here was
+and exact-spot accuracy each beat the better of SSA and Tangram. The Tangram + density prior
+column is the comparison with the same counts given to Tangram ("—": the run did not finish
+before the deadline on the loaded machine; rerun `--tangram`). On Xenium the counts do not help
+Tangram: 5.666 grid, 48.9 % on replicate 0, against 4.843 / 60.3 % with its default prior. The time goal (≤ 1/10 of Tangram) is **not demonstrated** by this probe. Every time here was
 measured on 2 shared cores at a load average of 12–17. A dense NumPy float64 refine step then took
 4.9 s (seqFISH) and 1.7 s (Xenium), against an estimated 0.1 s of arithmetic per step (two
 n × G × S GEMMs and 20 Sinkhorn sweeps). The tangram-with-prior run in the same hour is the fair
-yardstick: see the last column. By operation count, 50 steps are 100 GEMMs plus 1,000 Sinkhorn
+yardstick (last column): on Xenium the estimated 85 s is 0.06 of its 1,433 s. By operation count, 50 steps are 100 GEMMs plus 1,000 Sinkhorn
 sweeps, while Tangram's 1,000 epochs are about 2,000 GEMMs of the same size (forward and backward). The blockwise
 implementation should be timed on a quiet machine before the time claim is made. N = 50 is the
-cost knob: accuracy was still rising at N = 50 on both slides. With eta = 10 (replicate 0 only),
-N = 30 already gives 0.323 grid / 90.3 % (seqFISH) and 3.609 / 63.7 % (Xenium), the same
-accuracy as eta = 5, N = 50 for 40 % fewer steps. It is the candidate if the time is short, but it
+cost knob: accuracy was still rising at N = 50 on both slides. With eta = 10, N = 30 already gives
+0.323 grid / 90.3 % on seqFISH (replicate 0) and 3.522 ± 0.123 / 64.4 ± 1.0 % on Xenium
+(replicates 0-1). That is about the accuracy of eta = 5, N = 50, for 40 % fewer steps. It is the candidate if the time is short, but it
 is not the pick, because it has less replicate evidence.
 
 **What each guard did** (N = 30 unless stated; "3 reps" where all replicates ran, otherwise the
