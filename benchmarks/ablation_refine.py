@@ -54,10 +54,10 @@ import numpy as np
 import pandas as pd
 
 # The benchmark's own protocol and scorer, imported in one place (these modules may move).
-from ssa_dask.benchmark import _method_inputs, common_cell_filter, score_mapping
-from ssa_dask.peers import run_method
+from ssa_dask.evaluation.run import _method_inputs, common_cell_filter, score_mapping
+from ssa_dask.evaluation.peers import run_method
 from ssa_dask.reference import sinkhorn_dense, ssa_dense
-from ssa_dask.simulate import bin_to_spots, cell_coordinates, sample_replicates
+from ssa_dask.evaluation.simulate import bin_to_spots, cell_coordinates, sample_replicates
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 OUT_DIR = Path(__file__).resolve().parent / "results" / "refine_ablation"
