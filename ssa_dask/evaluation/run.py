@@ -8,9 +8,10 @@ method through :func:`ssa_dask.evaluation.peers.run_method`, and scores the mapp
 :func:`ssa_dask.align` directly). :func:`ssa_dask.evaluation.report.write_outputs` writes the
 tables (CSV and Markdown), the figures and ``summary.md``.
 
-Fairness: the methods see only expression, the spot coordinates and the cells' type labels; the
-cells' coordinates and true spots are stripped before a method is called, and so are the spots'
-cell counts and dominant types.  Every method sees the same cells: cells that no method can place
+Fairness: the methods see only expression, the spot coordinates, the cells' type labels and the
+number of cells per spot (what nuclei segmentation gives; only ``ssa_refined`` uses it, and the
+refine ablation shows Tangram with the same counts as its density prior); the cells' coordinates
+and true spots are stripped before a method is called, and so are the spots' dominant types.  Every method sees the same cells: cells that no method can place
 (zero total expression over the panel, or non-finite values) are removed from the slide before
 binning and sampling (:func:`common_cell_filter`), logged, and recorded in the result.
 
@@ -55,7 +56,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ALL_METHODS = ("ssa", "distmap", "spaotsc", "tangram", "seurat", "novosparc", "moscot", "random")
+ALL_METHODS = ("ssa", "ssa_refined", "distmap", "spaotsc", "tangram", "seurat", "novosparc", "moscot", "random")
 
 _METRICS = ("euclidean_grid", "manhattan_grid", "euclidean", "manhattan", "accuracy", "topk_accuracy")
 
@@ -197,12 +198,13 @@ def common_cell_filter(adata: ad.AnnData, layer: str | None = None) -> tuple[ad.
 
 
 def _method_inputs(rep: ad.AnnData, spots: ad.AnnData, cell_type_key: str) -> tuple[ad.AnnData, ad.AnnData]:
-    """What a method may see: expression, the cells' types, the spot coordinates."""
+    """What a method may see: expression, the cells' types, the spot coordinates and the number of
+    cells per spot (a nuclei-segmentation count; only ``ssa_refined`` uses it)."""
     sc_obs = rep.obs[["cell_type"]].copy() if "cell_type" in rep.obs else pd.DataFrame(index=rep.obs_names)
     sc = ad.AnnData(X=rep.X, obs=sc_obs, var=rep.var[[]].copy())
-    spot_obs = spots.obs[["x", "y"]].copy()
+    spot_obs = spots.obs[[c for c in ("x", "y", "n_cells") if c in spots.obs]].copy()
     visible = ad.AnnData(X=spots.X, obs=spot_obs, var=spots.var[[]].copy())
-    visible.obsm["spatial"] = spot_obs.to_numpy()
+    visible.obsm["spatial"] = spot_obs[["x", "y"]].to_numpy()
     return sc, visible
 
 

@@ -13,6 +13,7 @@ variance genes of the cells intersected with the spot genes) and returns a
 name       method                                                needs
 ========== ===================================================== ==============================
 ssa        :func:`ssa_dask.align` (this package)                 --
+ssa_refined ``align(refine=50)``, uniform p, q ∝ sqrt(cells/spot)  --
 random     uniform random spot per cell (the floor)              --
 distmap    DistMap (Karaiskos et al. 2017): binarise + MCC        --
 spaotsc    SpaOTsc (Cang & Nie 2020): unbalanced fused GW OT      POT
@@ -58,6 +59,7 @@ __all__ = [
 #: Method name -> module in :mod:`ssa_dask.evaluation.peers` implementing it.
 METHODS: dict[str, str] = {
     "ssa": "ssa",
+    "ssa_refined": "ssa_refined",
     "random": "random_floor",
     "distmap": "distmap",
     "spaotsc": "spaotsc",
