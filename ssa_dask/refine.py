@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 DEFAULT_ETA = 5.0
 #: Warm-started Sinkhorn iterations after each step.
 DEFAULT_INNER = 20
-#: Representation of cells and spots compared by the objective (see :func:`ssa_dask.reference.feature_scaling`).
-DEFAULT_FEATURES = "zscore"
+#: Representation of cells and spots compared by the objective (see :func:`ssa_dask.reference.feature_scaling`):
+#: the values as read (what the guard ablation picked; z-scored genes were unstable without a capacity prior).
+DEFAULT_FEATURES = "input"
 #: ``refine="auto"``: share of the selected genes held out of the objective, and the seed that picks them.
 AUTO_HELD_OUT = 0.1
 AUTO_SEED = 0
