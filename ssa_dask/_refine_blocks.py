@@ -72,15 +72,19 @@ def cost_increment(X: Any, B: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def updated_block(block: Any, X: Any, B: np.ndarray, b: np.ndarray, eps: float, log_domain: bool) -> np.ndarray:
-    """The block after the cost change ``X B^T - 1 b^T``: ``D + change`` (log domain) or
-    ``K exp(-change/eps)``, float32."""
+    """The block's cost after the change ``X B^T - 1 b^T``, float32: ``D + change`` of a cost block
+    (log domain), or ``-eps log K + change`` of a kernel block.
+
+    The refined blocks always hold costs: the changes add up over the steps to many times
+    ``eps``, and their exponentials would leave float32's range, while the log-domain sweeps are
+    exact at any scale.
+    """
     change = cost_increment(X, B, b)
     values = np.asarray(load_block(block), dtype=np.float64)
-    if log_domain:
-        values += change
-    else:
-        change *= -1.0 / eps
-        values *= np.exp(change, out=change)
+    if not log_domain:
+        with np.errstate(divide="ignore"):  # an entry that underflowed to 0 is a cost of +inf
+            values = -eps * np.log(values)
+    values += change
     return values.astype(np.float32)
 
 

@@ -273,7 +273,7 @@ def _row_potential(cost: np.ndarray, p: np.ndarray, g: np.ndarray, eps: float) -
 
 def refine_dense(cost: np.ndarray, p: np.ndarray, q: np.ndarray, eps: float, X: np.ndarray, S: np.ndarray, g: np.ndarray,
                  *, steps: int = 30, eta: float = 5.0, inner: int = 20, tol: float = 1e-6, tau: float = 0.0,
-                 features: str = "zscore", held_out: np.ndarray | None = None, patience: int | None = None
+                 features: str = "input", held_out: np.ndarray | None = None, patience: int | None = None
                  ) -> DenseRefine:
     """The refined mode, densely in float64: ``steps`` mirror-descent steps on the cost, each followed
     by ``inner`` warm-started Sinkhorn iterations (``refine_maths``).

@@ -183,9 +183,9 @@ def refine(
 
     Notes
     -----
-    In the kernel domain the blocks hold ``K exp(-(X A^T - 1 a^T)/eps)`` in float32; a long
-    refinement can move entries out of float32's range, which Sinkhorn reports as a
-    :class:`~ssa_dask.sinkhorn.SinkhornNumericalError`: use the log domain then.
+    The first step turns a kernel-domain storage into the refined cost ``D + X A^T - 1 a^T``
+    (float32) and the iterations go on in the log domain: the changes add up to many times ``eps``
+    over the steps, and ``exp`` of them would leave float32's range.
     """
     executor = executor or Executor()
     began = time.perf_counter()
@@ -240,6 +240,7 @@ def refine(
         B = step * W * scale - tau * A
         b = step * (c + W @ shift) - tau * a
         _update_blocks(kernel, X_blocks, B, b, executor, done + 1)
+        kernel.log_domain = True  # the blocks now hold the refined cost (see updated_block)
         A, a = A + B, a + b
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # a few iterations per step, by design
