@@ -33,9 +33,9 @@ from _common import WORK_DIR, PeakMemory, loadavg, print_table, timeit, write_re
 from ssa_dask.align import default_block_rows
 from ssa_dask.cluster import Executor
 from ssa_dask.cost import PearsonCost, cost_blocks
-from ssa_dask._block_math import block_stats as _block_stats
-from ssa_dask._block_math import to_kernel as _to_kernel
-from ssa_dask.kernel_build import build_kernel
+from ssa_dask.kernel._block_math import block_stats as _block_stats
+from ssa_dask.kernel._block_math import to_kernel as _to_kernel
+from ssa_dask.kernel.build import build_kernel
 from ssa_dask.evaluation.synth import SynthModel, SynthParams, generate_cells, generate_spots
 
 

@@ -2,7 +2,7 @@
 
 The same kernel blocks (``cells x spots`` float32, ``block_rows`` rows each) are swept by:
 
-* **no Dask**: the compiled Numba sweep (``ssa_dask._kernels.kernel_sweep``) on each block from a
+* **no Dask**: the compiled Numba sweep (``ssa_dask.kernel._sweeps.kernel_sweep``) on each block from a
   plain thread pool with as many threads as cores: the compute floor;
 * **local executor**: ssa_dask's Sinkhorn loop (:func:`ssa_dask.sinkhorn.sinkhorn`) with
   ``Executor()`` (what ``align(client=None)`` uses: a thread pool, no task graph);
@@ -47,13 +47,13 @@ import numpy as np
 import psutil
 
 from _common import PeakMemory, loadavg, print_table, write_result
-from ssa_dask import _kernels
+from ssa_dask.kernel import _sweeps
 from ssa_dask.cluster import Executor
 from ssa_dask.errors import ConvergenceWarning
-from ssa_dask._block_math import column_marginal_block as _column_marginal_block
-from ssa_dask._block_math import scaling as _scaling
+from ssa_dask.kernel._block_math import column_marginal_block as _column_marginal_block
+from ssa_dask.kernel._block_math import scaling as _scaling
 from ssa_dask.kernel import Kernel
-from ssa_dask.kernel_storage import MemoryBlocks
+from ssa_dask.kernel.storage import MemoryBlocks
 from ssa_dask.sinkhorn import sinkhorn
 
 EPS = 0.05
@@ -126,7 +126,7 @@ def no_dask(blocks: list[np.ndarray], p: np.ndarray, q: np.ndarray, iters: int, 
     def sweep(args):
         block, rows, b = args
         out = np.zeros(n_spots)
-        _kernels.kernel_sweep(block, rows, b, out)
+        _sweeps.kernel_sweep(block, rows, b, out)
         return out
 
     best = np.inf

@@ -44,10 +44,10 @@ import numpy as np
 import ot
 
 from _common import RESULTS_DIR, WORK_DIR, PeakMemory, loadavg, measure_bandwidth, print_table, timeit, write_result
-from ssa_dask import _kernels
+from ssa_dask.kernel import _sweeps
 from ssa_dask.errors import ConvergenceWarning
-from ssa_dask._block_math import scaling as _scaling
-from ssa_dask.kernel_build import kernel_from_array
+from ssa_dask.kernel._block_math import scaling as _scaling
+from ssa_dask.kernel.build import kernel_from_array
 from ssa_dask.sinkhorn import sinkhorn
 
 
@@ -103,7 +103,7 @@ def bare_sweep(K, p, q, eps, block_rows: int, iters: int, repeat: int, threads: 
 
         def part(blk):
             out = np.zeros(K.shape[1])
-            _kernels.kernel_sweep(blk[0], blk[1], b, out)
+            _sweeps.kernel_sweep(blk[0], blk[1], b, out)
             return out
 
         column = np.sum(list(pool.map(part, blocks)), axis=0)

@@ -1,12 +1,12 @@
 """Whole-slide SSA with a sparse (multiscale) kernel: how close it is to the dense plan, and what it costs.
 
 ``compare`` solves one synthetic problem (``ssa-dask synth``) with the dense kernel and with sparse
-kernels of several supports (:mod:`ssa_dask.kernel_multiscale`) in one process, and reports against
+kernels of several supports (:mod:`ssa_dask.kernel.multiscale`) in one process, and reports against
 the dense solution: column-marginal error, L1 of ``T - T_dense`` (both plans sum to 1, so it lies
 in [0, 2]), agreement of each cell's best spot, per-spot cell-type composition (L1 over spots and
 types of the per-type mass, and the mean over spots of the correlation of the type vectors),
 accuracy against the synthetic truth (``obs["true_spot"]``), the sample check of the support
-(:func:`ssa_dask.kernel_multiscale.check_support`) and the time of each stage.  It also measures
+(:func:`ssa_dask.kernel.multiscale.check_support`) and the time of each stage.  It also measures
 the low-rank route (Nystrom on ``r`` landmark spots) by its kernel error on a sample of cells.
 
 ``scale`` runs the sparse route alone (the whole ``align`` pipeline's stages: read, statistics,
@@ -128,8 +128,8 @@ def solve(kernel: Any, data: dict[str, Any], executor: Any) -> dict[str, Any]:
 
 def _plan_rows(kernel: Any, index: int, p: np.ndarray, g: np.ndarray) -> np.ndarray:
     """Rows of block ``index`` of the plan after the row update, ``p_i K_ij b_j / (K b)_i``, dense float64."""
-    from ssa_dask._block_math import load_block, scaling
-    from ssa_dask._sparse_block_math import dense_rows
+    from ssa_dask.kernel._block_math import load_block, scaling
+    from ssa_dask.kernel._sparse_block_math import dense_rows
 
     a, b = kernel.bounds[index], kernel.bounds[index + 1]
     if getattr(kernel.storage, "n_support", 0):
@@ -164,7 +164,7 @@ def plan_differences(dense: Any, dense_fit: dict[str, Any], sparse: Any, sparse_
 
 def nystrom_error(data: dict[str, Any], eps: float, rank: int, n_rows: int = 2000, seed: int = 0) -> dict[str, float]:
     """Low-rank route: Nystrom ``K_{:,L} K_{LL}^+ K_{L,:}`` on ``rank`` random landmark spots, on a sample of cells."""
-    from ssa_dask._block_math import to_kernel
+    from ssa_dask.kernel._block_math import to_kernel
 
     cost, X = data["cost"], data["X"]
     rng = np.random.default_rng(seed)
@@ -187,8 +187,8 @@ def nystrom_error(data: dict[str, Any], eps: float, rank: int, n_rows: int = 200
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     from ssa_dask import Executor, SinkhornNumericalError
     from ssa_dask.cost import cost_blocks
-    from ssa_dask.kernel_build import build_kernel
-    from ssa_dask.kernel_multiscale import build_multiscale_kernel, check_support
+    from ssa_dask.kernel.build import build_kernel
+    from ssa_dask.kernel.multiscale import build_multiscale_kernel, check_support
 
     executor = Executor()
     data = _load(args, executor)
@@ -239,7 +239,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
 def scale(args: argparse.Namespace) -> dict[str, Any]:
     from ssa_dask import Executor
-    from ssa_dask.kernel_multiscale import build_multiscale_kernel, check_support
+    from ssa_dask.kernel.multiscale import build_multiscale_kernel, check_support
 
     executor = Executor()
     with PeakMemory() as memory:

@@ -9,9 +9,10 @@ The method's flow, one module a step::
   variances come from ``standardize.summarize``, one pass over each matrix);
 - ``standardize``: per-gene mean and standard deviation, row totals (the Sinkhorn masses), z-scoring;
 - ``cost``: :class:`PearsonCost`, ``D = 1 - |rho|`` block by block;
-- ``kernel``: ``K = exp(-D / eps)``, ``eps = lam * max D`` (``kernel_build``), its row blocks in
-  memory or on disk (``kernel_storage``, ``kernel_store``), the per-block maths (``_block_math``,
-  ``_kernels``);
+- ``kernel`` (a package): ``K = exp(-D / eps)``, ``eps = lam * max D`` (``kernel.build``), its row
+  blocks in memory or on disk (``kernel.storage``, ``kernel.store``), the per-block maths and Numba
+  sweeps (``kernel._block_math``, ``kernel._sweeps``), 16-bit rows (``kernel.precision``) and the
+  sparse kernel of whole slides (``kernel.multiscale``);
 - ``sinkhorn``: :func:`sinkhorn` with checkpoints (``progress`` draws its bar);
 - ``assign``: each cell to its largest plan entry, as an xarray Dataset;
 - ``align``: :func:`align` runs it end to end.
@@ -31,11 +32,9 @@ from ssa_dask.errors import ConvergenceWarning, OutputExistsError, SSAClusterErr
 from ssa_dask.explore import composition, heldout_gene_check, impute, uncertainty
 from ssa_dask.genes import GeneSelection, select_genes, top_variance_genes
 from ssa_dask.io import ExpressionMatrix, ingest, read_expression
-from ssa_dask.kernel import Kernel
-from ssa_dask.kernel_build import build_kernel, kernel_from_array
-from ssa_dask.kernel_multiscale import ApproximationWarning, SparseBlocks, SparseKernel, build_multiscale_kernel, check_support
-from ssa_dask.kernel_storage import DiskBlocks, KernelStorage, MemoryBlocks
-from ssa_dask.kernel_store import KernelStoreError
+from ssa_dask.kernel import (ApproximationWarning, DiskBlocks, Kernel, KernelStorage, KernelStoreError, MemoryBlocks,
+                             SparseBlocks, SparseKernel, build_kernel, build_multiscale_kernel, check_support,
+                             kernel_from_array)
 from ssa_dask.plan import TransportPlan, open_plan
 from ssa_dask.reference import refine_dense, ssa_dense
 from ssa_dask.progress import SinkhornProgress

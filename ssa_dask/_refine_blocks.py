@@ -1,6 +1,6 @@
 """What one task of the refined mode does to one row block of the kernel (see :mod:`ssa_dask.refine`).
 
-Each function takes a kernel block handle (resolved by :func:`~ssa_dask._block_math.load_block`)
+Each function takes a kernel block handle (resolved by :func:`~ssa_dask.kernel._block_math.load_block`)
 and the block's cells over the selected genes as read (dense or CSR; sparse stays sparse), and
 works in float64; updated blocks are stored back as float32 like the kernel.
 """
@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ssa_dask._block_math import load_block, scaling
+from ssa_dask.kernel._block_math import load_block, scaling
 from ssa_dask.cost import DENSIFY_ABOVE_DENSITY
-from ssa_dask.kernel_store import StoredBlock
+from ssa_dask.kernel.store import StoredBlock
 
 
 def plan_rows(block: Any, p: np.ndarray, g: np.ndarray, eps: float, log_domain: bool) -> np.ndarray:

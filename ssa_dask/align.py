@@ -20,11 +20,11 @@ from ssa_dask.cost import cost_blocks, lazy_pearson_cost
 from ssa_dask.errors import SSAInputError
 from ssa_dask.genes import select_genes
 from ssa_dask.io import ExpressionMatrix, read_expression
-from ssa_dask.kernel_build import LOG_DOMAIN_BELOW_LAM, MEMORY_SHARE_FOR_KERNEL, build_kernel, check_dtype_domain
-from ssa_dask.kernel_precision import ENTRY_BYTES, check_kernel_dtype, choose_kernel_dtype
-from ssa_dask.kernel_multiscale import (DEFAULT_SUPPORT, build_multiscale_kernel, candidate_width, check_sparse_options,
+from ssa_dask.kernel.build import LOG_DOMAIN_BELOW_LAM, MEMORY_SHARE_FOR_KERNEL, build_kernel, check_dtype_domain
+from ssa_dask.kernel.precision import ENTRY_BYTES, check_kernel_dtype, choose_kernel_dtype
+from ssa_dask.kernel.multiscale import (DEFAULT_SUPPORT, build_multiscale_kernel, candidate_width, check_sparse_options,
                                        check_support)
-from ssa_dask.kernel_store import local_directory
+from ssa_dask.kernel.store import local_directory
 from ssa_dask.progress import SinkhornProgress
 from ssa_dask.refine import DEFAULT_ETA, DEFAULT_INNER, check_refine_options, refine_solution, with_refinement
 from ssa_dask.sinkhorn import DEFAULT_MAX_ITER, DEFAULT_TOL, Checkpoint, check_iteration_options, sinkhorn
@@ -123,7 +123,7 @@ def align(
         With ``kernel_storage="auto"`` (the kernel stays in memory while it takes at most
         ``MEMORY_SHARE_FOR_KERNEL`` of the budget, else it goes to Zarr).
     kernel_dtype : {"auto", "float32", "float16", "bfloat16"}
-        Format of the stored kernel entries (:mod:`ssa_dask.kernel_precision`): 16-bit rows, each
+        Format of the stored kernel entries (:mod:`ssa_dask.kernel.precision`): 16-bit rows, each
         scaled to a maximum of 1, halve the kernel's memory and the bytes read per iteration;
         accumulation stays float32/float64.  ``"auto"``: float16 when a float32 kernel would not fit
         in memory (see ``memory_budget``) but a float16 one would and the storage may be memory,
@@ -132,9 +132,9 @@ def align(
     kernel : {"dense", "multiscale"}
         The dense kernel (exact), or a sparse one for slides too large for it: each cell keeps its
         ``n_support`` nearest spots (found through k-means clusters of the spots, exact costs) and
-        a far-field value for the others (:mod:`ssa_dask.kernel_multiscale`; kernel domain, in
+        a far-field value for the others (:mod:`ssa_dask.kernel.multiscale`; kernel domain, in
         memory; ``eps`` from ``max D`` on a sample of cells).  The sparse plan is checked on that
-        sample against the exact kernel; an :class:`~ssa_dask.kernel_multiscale.ApproximationWarning`
+        sample against the exact kernel; an :class:`~ssa_dask.kernel.multiscale.ApproximationWarning`
         says when it is too far, and ``attrs`` record the check.
     n_support : int
         Spots kept per cell by ``kernel="multiscale"``.

@@ -35,8 +35,8 @@ from ssa_dask.assign import SPOT_DIM
 from ssa_dask.cluster import Executor
 from ssa_dask.errors import ConvergenceWarning, SSAInputError
 from ssa_dask.kernel import Kernel
-from ssa_dask.kernel_storage import DiskBlocks, MemoryBlocks
-from ssa_dask.kernel_store import check_free_space
+from ssa_dask.kernel.storage import DiskBlocks, MemoryBlocks
+from ssa_dask.kernel.store import check_free_space
 from ssa_dask.reference import FEATURES, feature_scaling, gene_cosine, held_out_genes, refine_direction, stalled, step_scale_rows
 from ssa_dask.sinkhorn import DEFAULT_TOL, SinkhornResult, sinkhorn
 

@@ -21,7 +21,7 @@ import ssa_dask
 from ssa_dask.cluster import Executor, connect
 from ssa_dask.cost import PearsonCost, cost_blocks
 from ssa_dask.errors import SSAClusterError, SSAInputError
-from ssa_dask.kernel_build import build_kernel
+from ssa_dask.kernel.build import build_kernel
 from ssa_dask.sinkhorn import sinkhorn
 
 BIN = Path(sys.executable).parent

@@ -8,7 +8,7 @@ import pytest
 
 from ssa_dask.cluster import Executor, block_workers
 from ssa_dask.errors import SSAClusterError
-from ssa_dask.kernel_build import kernel_from_array
+from ssa_dask.kernel.build import kernel_from_array
 from ssa_dask.sinkhorn import sinkhorn
 
 

@@ -16,7 +16,7 @@ import pytest
 
 import ssa_dask
 from ssa_dask import SSAInputError, sinkhorn
-from ssa_dask._sparse_block_math import (
+from ssa_dask.kernel._sparse_block_math import (
     apply_columns_sparse,
     apply_rows_sparse,
     column_marginal_sparse_block,
@@ -27,7 +27,7 @@ from ssa_dask._sparse_block_math import (
 )
 from ssa_dask.cluster import Executor
 from ssa_dask.cost import PearsonCost
-from ssa_dask.kernel_multiscale import (
+from ssa_dask.kernel.multiscale import (
     ApproximationWarning,
     SpotClusters,
     build_multiscale_kernel,

@@ -21,8 +21,8 @@ import ssa_dask
 from ssa_dask.align import _choose_kernel_dtype
 from ssa_dask.cluster import Executor
 from ssa_dask.errors import SSAInputError
-from ssa_dask.kernel_build import build_kernel, kernel_from_array
-from ssa_dask.kernel_precision import (
+from ssa_dask.kernel.build import build_kernel, kernel_from_array
+from ssa_dask.kernel.precision import (
     FLOAT16_SUBNORMAL_FLOOR,
     UNIT_ROUNDOFF,
     ROW_MAX,
@@ -31,9 +31,9 @@ from ssa_dask.kernel_precision import (
     encode_bits,
     half_rows_from_kernel,
 )
-from ssa_dask.kernel_store import KERNEL_ARRAY, SCALE_ARRAY, KernelStore, KernelStoreError
+from ssa_dask.kernel.store import KERNEL_ARRAY, SCALE_ARRAY, KernelStore, KernelStoreError
 from ssa_dask.evaluation.simulate import bin_to_spots, synthetic_tissue
-from ssa_dask._kernels import decode_half
+from ssa_dask.kernel._sweeps import decode_half
 
 FLOAT32_RTOL = 2e-5
 DTYPES = ["float32", "float16", "bfloat16"]

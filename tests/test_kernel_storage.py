@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ssa_dask.cluster import Executor
-from ssa_dask.kernel_build import build_kernel, kernel_from_array
-from ssa_dask.kernel_storage import DiskBlocks, KernelStorage, MemoryBlocks
+from ssa_dask.kernel.build import build_kernel, kernel_from_array
+from ssa_dask.kernel.storage import DiskBlocks, KernelStorage, MemoryBlocks
 
 
 @pytest.mark.parametrize("block_rows", [50, 257])

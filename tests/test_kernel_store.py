@@ -18,8 +18,8 @@ import ssa_dask
 from ssa_dask.cluster import Executor
 from ssa_dask.cost import PearsonCost, cost_blocks
 from ssa_dask.errors import SSAInputError
-from ssa_dask.kernel_build import _exp_stored_block, _store_block, build_kernel
-from ssa_dask.kernel_store import (
+from ssa_dask.kernel.build import _exp_stored_block, _store_block, build_kernel
+from ssa_dask.kernel.store import (
     COST_ARRAY,
     KERNEL_ARRAY,
     OWNER_FILE,

@@ -14,7 +14,7 @@ import ssa_dask
 from ssa_dask.cli import app
 from ssa_dask.cluster import Executor
 from ssa_dask.errors import SSAInputError
-from ssa_dask.kernel_build import build_kernel
+from ssa_dask.kernel.build import build_kernel
 from ssa_dask.reference import feature_scaling, refine_dense, refine_direction, ssa_dense
 from ssa_dask.refine import refine
 from ssa_dask.sinkhorn import sinkhorn
@@ -241,7 +241,7 @@ def test_cli_refine_records_the_steps(h5ad_inputs, tmp_path):
 def test_a_retried_chunk_rewrite_writes_the_same_bytes(problem, tmp_path, log_domain):
     """The Zarr pass B reads one array and writes another: running a task twice changes nothing."""
     from ssa_dask._refine_blocks import cost_increment, rewrite_stored
-    from ssa_dask.kernel_store import KernelStore
+    from ssa_dask.kernel.store import KernelStore
 
     sc, spots, dense = problem
     store = KernelStore.create(tmp_path, dense.cost.shape, np.array([0, BLOCK, len(sc)]))

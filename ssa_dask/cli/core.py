@@ -169,7 +169,7 @@ def align_command(
     """
     import ssa_dask
     from ssa_dask.cluster import connect, tls_security
-    from ssa_dask.kernel_multiscale import check_sparse_options
+    from ssa_dask.kernel.multiscale import check_sparse_options
 
     setup_logging(verbose)
     warn_raw_counts = log1p is None
@@ -228,8 +228,8 @@ def _preflight(sc: Path, spots: Path, out: Path, obs_out: Path | None, checkpoin
     from ssa_dask.cluster import check_scheduler
     from ssa_dask.io import read_expression
     from ssa_dask.paths import check_outputs
-    from ssa_dask.kernel_build import check_dtype_domain
-    from ssa_dask.kernel_store import check_free_space, local_directory, store_bytes
+    from ssa_dask.kernel.build import check_dtype_domain
+    from ssa_dask.kernel.store import check_free_space, local_directory, store_bytes
 
     _checks.numeric_options(options)
     check_dtype_domain(kernel_dtype, domain, options["--lam"] if options["--eps"] is None else None, options["--eps"])

@@ -1,7 +1,7 @@
 """The kernel as the Sinkhorn solver sees it: operations over row blocks, wherever they live.
 
 A :class:`Kernel` is ``K = exp(-D / eps)`` (kernel domain) or the cost ``D`` itself (log domain),
-held by a :class:`~ssa_dask.kernel_storage.KernelStorage` (row blocks in this process or in
+held by a :class:`~ssa_dask.kernel.storage.KernelStorage` (row blocks in this process or in
 workers' memory, or in a kernel store on disk).  It offers the few operations the solver and the
 later passes need, each one pass over the blocks with few, large tasks: the plan's column marginal
 after the row update (:meth:`Kernel.column_marginal`, one fused sweep per Sinkhorn iteration), the
@@ -19,9 +19,9 @@ from typing import Any, Literal
 import dask.array as da
 import numpy as np
 
-from ssa_dask._block_math import REDUCTIONS, apply_columns, apply_rows, column_marginal_block, top_k_block
+from ssa_dask.kernel._block_math import REDUCTIONS, apply_columns, apply_rows, column_marginal_block, top_k_block
 from ssa_dask.cluster import Executor
-from ssa_dask.kernel_storage import KernelStorage
+from ssa_dask.kernel.storage import KernelStorage
 
 
 @dataclass

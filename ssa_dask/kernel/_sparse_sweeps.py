@@ -4,7 +4,7 @@ A row block holds, for each of its ``n`` cells, ``k`` kernel values ``K_il`` and
 ``j_il`` they belong to (an ELLPACK layout: every row has the same length, so no row pointer), and
 one far-field value ``kappa_i`` that stands for every spot off the row's support:
 ``K~_ij = K_il`` where ``j = j_il``, ``kappa_i`` elsewhere.  Like
-:func:`ssa_dask._kernels.kernel_sweep`, one sweep updates the row scaling of every row,
+:func:`ssa_dask.kernel._sweeps.kernel_sweep`, one sweep updates the row scaling of every row,
 
     a_i = p_i / (sum_l (K_il - kappa_i) b_{j_il} + kappa_i sum_j b_j),
 

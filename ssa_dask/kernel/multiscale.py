@@ -13,7 +13,7 @@ cell keeps ``n_support`` spots with their EXACT kernel values ``exp(-D_ij / eps)
 4. the far field ``kappa_i`` is the mean exact kernel value over ``n_far`` random spots off the
    cell's support (:func:`far_field`), an unbiased estimate of the mean kernel value there.
 
-Blocks are packed as ``(n, 2 * n_support + 1)`` float32 arrays (:mod:`ssa_dask._sparse_block_math`).
+Blocks are packed as ``(n, 2 * n_support + 1)`` float32 arrays (:mod:`ssa_dask.kernel._sparse_block_math`).
 Nothing of size ``n_cells x n_spots`` is ever formed.  Sinkhorn then runs unchanged on a
 :class:`SparseKernel`; the plan is the entropic OT plan of the kernel ``K~`` (exact on the support,
 ``kappa_i`` off it), whose marginals are matched exactly.  At ``lam = 0.05`` the SSA plan is
@@ -52,8 +52,8 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
-from ssa_dask._block_math import scaling, to_kernel
-from ssa_dask._sparse_block_math import (
+from ssa_dask.kernel._block_math import scaling, to_kernel
+from ssa_dask.kernel._sparse_block_math import (
     apply_columns_sparse,
     apply_rows_sparse,
     column_marginal_sparse_block,
@@ -61,13 +61,13 @@ from ssa_dask._sparse_block_math import (
     top_k_sparse_block,
     unpack_block,
 )
-from ssa_dask._sparse_kernels import keep_largest, off_support, scatter_candidates
+from ssa_dask.kernel._sparse_sweeps import keep_largest, off_support, scatter_candidates
 from ssa_dask.cluster import Executor
 from ssa_dask.cost import PearsonCost
 from ssa_dask.errors import SSAInputError
-from ssa_dask.kernel import Kernel
-from ssa_dask.kernel_build import LOG_DOMAIN_BELOW_LAM, _max_cost, _resolve_eps
-from ssa_dask.kernel_storage import MemoryBlocks
+from ssa_dask.kernel.core import Kernel
+from ssa_dask.kernel.build import LOG_DOMAIN_BELOW_LAM, _max_cost, _resolve_eps
+from ssa_dask.kernel.storage import MemoryBlocks
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def support_block(block: Any, cost: PearsonCost, clusters: SpotClusters, *, n_pr
     Returns
     -------
     (n, 2 * n_support + 1) float32 array
-        See :func:`ssa_dask._sparse_block_math.pack_block`; NaN values in rows of constant cells.
+        See :func:`ssa_dask.kernel._sparse_block_math.pack_block`; NaN values in rows of constant cells.
     """
     profiles = unit_profiles(block, cost)
     n_rows = profiles.shape[0]

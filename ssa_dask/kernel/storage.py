@@ -3,15 +3,15 @@
 A storage holds one handle per row block and knows two things the solver must not: which tasks
 should take which blocks (:meth:`KernelStorage.task_groups`), and how to let go of them
 (:meth:`KernelStorage.close`).  Every block handle resolves to its rows with
-:func:`ssa_dask._block_math.load_block`, in whichever process runs the task.
+:func:`ssa_dask.kernel._block_math.load_block`, in whichever process runs the task.
 
 - :class:`MemoryBlocks`: NumPy arrays in this process, or ``distributed`` futures whose data sit
   in the workers' memory (computed from the task graph, so a lost worker's blocks are recomputed).
 - :class:`DiskBlocks`: chunks of a kernel store on a file system
-  (:class:`~ssa_dask.kernel_store.KernelStore`), memory-mapped by the task that reads them.
+  (:class:`~ssa_dask.kernel.store.KernelStore`), memory-mapped by the task that reads them.
 
 Either storage holds float32 blocks, or float16/bfloat16 blocks with per-row scales
-(:class:`~ssa_dask.kernel_precision.HalfRows`, ``dtype``).  An approximate (low-rank, multiscale,
+(:class:`~ssa_dask.kernel.precision.HalfRows`, ``dtype``).  An approximate (low-rank, multiscale,
 truncated) storage is one more class with these members.
 """
 
@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from ssa_dask.cluster import Executor
-from ssa_dask.kernel_store import KernelStore, StoredBlock, StoredHalfBlock
+from ssa_dask.kernel.store import KernelStore, StoredBlock, StoredHalfBlock
 
 #: Names of the storages ``build_kernel`` can make.
 Storage = Literal["memory", "zarr"]

@@ -4,9 +4,9 @@ A sparse row block is one ``(n, 2k + 1)`` float32 array: columns ``[:k]`` hold e
 values ``K_il = exp(-D_il / eps)`` on its support, columns ``[k:2k]`` the int32 bits of their spot
 indices, the last column the row's far-field value ``kappa_i``, the kernel's value at every spot off
 the support (0 for a plain truncation; padding entries hold ``kappa_i``, so they add nothing)
-(:func:`pack_block`, :func:`unpack_block`, :mod:`ssa_dask._sparse_kernels`).  One array per block lets the blocks live wherever dense
+(:func:`pack_block`, :func:`unpack_block`, :mod:`ssa_dask.kernel._sparse_sweeps`).  One array per block lets the blocks live wherever dense
 blocks live (NumPy arrays here, futures on a cluster's workers) with no other handle type.  The
-functions mirror the dense ones of :mod:`ssa_dask._block_math` (kernel domain only).
+functions mirror the dense ones of :mod:`ssa_dask.kernel._block_math` (kernel domain only).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ssa_dask._block_math import load_block, scaling
-from ssa_dask._sparse_kernels import sparse_kernel_sweep
+from ssa_dask.kernel._block_math import load_block, scaling
+from ssa_dask.kernel._sparse_sweeps import sparse_kernel_sweep
 
 
 def pack_block(values: np.ndarray, index: np.ndarray, far: np.ndarray) -> np.ndarray:
@@ -59,7 +59,7 @@ def column_marginal_sparse_block(block: Any, p: np.ndarray, g: np.ndarray, eps: 
 def top_k_sparse_block(block: Any, p: np.ndarray, g: np.ndarray, eps: float, k: int) -> np.ndarray:
     """Top-k spots of each row of the plan, their row-normalised weights and the row potential ``f``.
 
-    Same output layout as :func:`ssa_dask._block_math.top_k_block`.  A row ranks only its support
+    Same output layout as :func:`ssa_dask.kernel._block_math.top_k_block`.  A row ranks only its support
     (``k`` must not exceed it); its sum, which normalises the weights, includes the far field.
     """
     values, index, far = unpack_block(block)

@@ -9,7 +9,7 @@ potential ``g`` (``b = exp(g / eps)``) and the row masses ``p_I``, each sweep
    ``out_j += a_i K_ij b_j`` (the log domain returns ``log sum_i T_ij`` instead, exact at any eps),
 
 row by row, so the row is still in cache for step 2 and the block is read from memory once.
-Blocks stored as float16 or bfloat16 bit patterns (:mod:`ssa_dask.kernel_precision`) are decoded
+Blocks stored as float16 or bfloat16 bit patterns (:mod:`ssa_dask.kernel.precision`) are decoded
 in registers as they are read (:func:`kernel_sweep` on a uint16 block).
 The functions release the GIL, so Dask threads run blocks in parallel.
 """
@@ -48,7 +48,7 @@ def _float16_magnitude(h: np.uint16) -> np.float32:
     by ``2^112`` (exact, for float16 subnormals too).  Only float16 subnormals make a float32
     subnormal operand, slow on some CPUs; stored rows peak at ``2^15`` so that only entries
     below ``2^-29`` of their row's maximum are float16 subnormals
-    (:data:`ssa_dask.kernel_precision.ROW_MAX`).
+    (:data:`ssa_dask.kernel.precision.ROW_MAX`).
     """
     return _as_float32((np.uint32(h) & np.uint32(0x7FFF)) << np.uint32(13)) * _F16_REBIAS
 
@@ -62,7 +62,7 @@ def _bfloat16_value(h: np.uint16) -> np.float32:
 def _entry(rows, i, j, bfloat16):  # noqa: ANN001, ANN201 - the overload's signature must match its implementations
     """Entry ``(i, j)`` of a kernel block as float32: read (float32 block) or decoded (uint16 bits).
 
-    Stored 16-bit entries are finite and non-negative (:mod:`ssa_dask.kernel_precision`).
+    Stored 16-bit entries are finite and non-negative (:mod:`ssa_dask.kernel.precision`).
     """
     raise NotImplementedError("compiled only (a Numba overload)")
 
@@ -96,7 +96,7 @@ def kernel_sweep(K: np.ndarray, p: np.ndarray, b: np.ndarray, out: np.ndarray, b
 
     A block stored as float16 or bfloat16 bit patterns (uint16) is decoded in registers as it is
     read (its four rows are still in cache for the second pass), so it is read from memory once at
-    2 bytes per entry; its per-row scale (:class:`ssa_dask.kernel_precision.HalfRows`) cancels here.
+    2 bytes per entry; its per-row scale (:class:`ssa_dask.kernel.precision.HalfRows`) cancels here.
 
     Parameters
     ----------

@@ -4,7 +4,7 @@ A kernel store is a directory on a POSIX file system (local scratch, or a shared
 multi-machine cluster) that holds uncompressed Zarr arrays with one chunk per row block: for a
 float32 kernel, ``cost.zarr`` (``D``, written by the first construction pass) and ``kernel.zarr``
 (``K = exp(-D/eps)``, written by the second); for a float16 or bfloat16 kernel
-(:mod:`ssa_dask.kernel_precision`), ``kernel.zarr`` of uint16 bit patterns and
+(:mod:`ssa_dask.kernel.precision`), ``kernel.zarr`` of uint16 bit patterns and
 ``kernel_log_scale.zarr``, one float64 log scale per row (an ``(n, 1)`` array), both written by
 the second pass from a recomputed cost (no float32 copy of the cost is stored).  Every chunk file is written beside its final name
 and renamed into place, and each pass is a pure function of its input chunk, so a task that
@@ -41,7 +41,7 @@ import numpy as np
 import psutil
 
 from ssa_dask.errors import SSAError, SSAInputError
-from ssa_dask.kernel_precision import ENTRY_BYTES, HALF_DTYPES, HalfRows
+from ssa_dask.kernel.precision import ENTRY_BYTES, HALF_DTYPES, HalfRows
 from ssa_dask.paths import resolve_local_path
 
 log = logging.getLogger(__name__)

@@ -3,10 +3,10 @@
 Two passes over the cost: the first computes ``D`` blockwise and its maximum (``eps = lam * max D``),
 the second turns ``D`` into ``K = exp(-D/eps)`` (skipped in the log domain, which keeps ``D``).
 In memory the blocks are computed from the task graph (never scattered); on disk every chunk is
-written atomically and the second pass is idempotent (see :mod:`ssa_dask.kernel_store`), so task
+written atomically and the second pass is idempotent (see :mod:`ssa_dask.kernel.store`), so task
 retries and preemption are harmless.
 
-A float16 or bfloat16 kernel (:mod:`ssa_dask.kernel_precision`) never holds a float32 copy of the
+A float16 or bfloat16 kernel (:mod:`ssa_dask.kernel.precision`) never holds a float32 copy of the
 cost: the first pass only reduces each block to its statistics, and the second recomputes the
 cost block and stores its row-scaled 16-bit kernel, so memory or disk peaks at the 16-bit kernel
 (at the price of computing the cost twice).  The log domain keeps float32 costs.
@@ -22,14 +22,14 @@ from typing import Any, Literal
 import dask.array as da
 import numpy as np
 
-from ssa_dask._block_math import block_stats, cost_to_kernel, to_kernel
+from ssa_dask.kernel._block_math import block_stats, cost_to_kernel, to_kernel
 from ssa_dask.cluster import Executor
 from ssa_dask.errors import SSAInputError
-from ssa_dask.kernel import Kernel
-from ssa_dask.kernel_precision import HALF_DTYPES, ENTRY_BYTES, check_kernel_dtype, choose_kernel_dtype, \
+from ssa_dask.kernel.core import Kernel
+from ssa_dask.kernel.precision import HALF_DTYPES, ENTRY_BYTES, check_kernel_dtype, choose_kernel_dtype, \
     half_rows_from_cost, half_rows_from_kernel
-from ssa_dask.kernel_storage import DiskBlocks, MemoryBlocks, Storage
-from ssa_dask.kernel_store import COST_ARRAY, KernelStore, StoredBlock, StoredHalfBlock, local_directory
+from ssa_dask.kernel.storage import DiskBlocks, MemoryBlocks, Storage
+from ssa_dask.kernel.store import COST_ARRAY, KernelStore, StoredBlock, StoredHalfBlock, local_directory
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,8 @@ def build_kernel(
         Keep ``D`` and iterate in the log domain; ``"auto"`` does so when
         ``eps / max D < LOG_DOMAIN_BELOW_LAM``.
     storage : {"memory", "zarr"}
-        Hold blocks in worker memory (:class:`~ssa_dask.kernel_storage.MemoryBlocks`), or in a
-        kernel store on disk streamed each iteration (:class:`~ssa_dask.kernel_storage.DiskBlocks`).
+        Hold blocks in worker memory (:class:`~ssa_dask.kernel.storage.MemoryBlocks`), or in a
+        kernel store on disk streamed each iteration (:class:`~ssa_dask.kernel.storage.DiskBlocks`).
     path : path, optional
         Directory in which the kernel store of ``storage="zarr"`` is created (default: the system's
         temporary directory); :meth:`Kernel.close` removes the store.  On a multi-machine cluster it
@@ -169,7 +169,7 @@ def build_kernel(
     fingerprint : str, optional
         Identity of the problem (data, genes, regularisation) that a kept store must match.
     kernel_dtype : {"float32", "float16", "bfloat16", "auto"}
-        Format of the stored kernel entries (see :mod:`ssa_dask.kernel_precision`): 16-bit formats
+        Format of the stored kernel entries (see :mod:`ssa_dask.kernel.precision`): 16-bit formats
         halve memory and the bytes read per iteration.  ``"auto"`` picks float16 when a float32
         kernel would exceed ``MEMORY_SHARE_FOR_KERNEL`` of the executor's memory but a float16 one
         would not (memory storage, kernel domain), else float32.  float16/bfloat16 in the log
@@ -320,7 +320,7 @@ def kernel_from_array(
     executor : Executor, optional
         A cluster executor to hold the blocks on its workers (default: this process).
     kernel_dtype : {"float32", "float16", "bfloat16", "auto"}
-        Format of the stored entries (:mod:`ssa_dask.kernel_precision`; 16-bit rows are scaled by
+        Format of the stored entries (:mod:`ssa_dask.kernel.precision`; 16-bit rows are scaled by
         their maximum); ``"auto"`` as in :func:`build_kernel` (float32 in the log domain), with
         the executor's memory (this machine's by default).  float16/bfloat16 with ``log_domain``
         raise :class:`SSAInputError`.

@@ -5,7 +5,7 @@ row's largest entry is ``ROW_MAX``, so no row underflows) as the 16-bit patterns
 or bfloat16, and each row's log scale ``log(max_l K_il / ROW_MAX)`` in float64, so that
 ``K_ij = K~_ij exp(log_scale_i)``.  The scale cancels in the plan's column marginal
 (``a_i K_ij = p_i K~_ij / sum_l K~_il b_l``) and enters only the row potential ``f``.  The Numba
-sweeps decode the bits in registers (:mod:`ssa_dask._kernels`); accumulation stays float32/float64.
+sweeps decode the bits in registers (:mod:`ssa_dask.kernel._sweeps`); accumulation stays float32/float64.
 
 float16 rows peak at ``2^15`` (float16's largest power of two below its maximum 65504), so its
 normal range reaches ``2^-29`` of the row maximum (``exp(-20)``, the smallest entry at
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ssa_dask import _kernels
+from ssa_dask.kernel import _sweeps
 from ssa_dask.errors import SSAInputError
 
 #: Storage formats of the kernel's entries.
@@ -69,7 +69,7 @@ class HalfRows:
 
     def scaled_rows(self) -> np.ndarray:
         """``K~`` decoded to float32 (the rows without their scales)."""
-        return _kernels.decode_half(self.bits, self.bfloat16)
+        return _sweeps.decode_half(self.bits, self.bfloat16)
 
 
 def check_kernel_dtype(kernel_dtype: str, *, allow_auto: bool = True) -> str:

@@ -1,10 +1,10 @@
 """The per-block maths of the kernel: what one task does to one row block, wherever it lives.
 
-Every function takes a block handle (a NumPy array, a :class:`~ssa_dask.kernel_precision.HalfRows`
+Every function takes a block handle (a NumPy array, a :class:`~ssa_dask.kernel.precision.HalfRows`
 of float16/bfloat16 rows with their scales, or anything with a ``load()`` method such as a
-:class:`~ssa_dask.kernel_store.StoredBlock`, resolved by :func:`load_block`) and returns a small
+:class:`~ssa_dask.kernel.store.StoredBlock`, resolved by :func:`load_block`) and returns a small
 array: a spot-length partial sum, per-row top-k entries, statistics.  :class:`~ssa_dask.kernel.Kernel`
-schedules them; the Numba sweeps are in :mod:`ssa_dask._kernels`.
+schedules them; the Numba sweeps are in :mod:`ssa_dask.kernel._sweeps`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ssa_dask import _kernels
-from ssa_dask.kernel_precision import HalfRows
+from ssa_dask.kernel import _sweeps
+from ssa_dask.kernel.precision import HalfRows
 
 
 def load_block(block: Any) -> np.ndarray:
@@ -77,11 +77,11 @@ def column_marginal_block(block: Any, p: np.ndarray, g: np.ndarray, eps: float, 
     out = np.zeros(values.shape[1], dtype=np.float64)
     rows = np.ascontiguousarray(p, dtype=np.float64)
     if log_domain:
-        _kernels.log_sweep(values, rows, g, eps, out)
+        _sweeps.log_sweep(values, rows, g, eps, out)
     elif isinstance(values, HalfRows):  # the row scales cancel in the marginal
-        _kernels.kernel_sweep(values.bits, rows, scaling(g, eps).astype(np.float32), out, values.bfloat16)
+        _sweeps.kernel_sweep(values.bits, rows, scaling(g, eps).astype(np.float32), out, values.bfloat16)
     else:
-        _kernels.kernel_sweep(values, rows, scaling(g, eps).astype(np.float32), out)
+        _sweeps.kernel_sweep(values, rows, scaling(g, eps).astype(np.float32), out)
     return out
 
 
