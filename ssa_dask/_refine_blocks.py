@@ -71,32 +71,56 @@ def cost_increment(X: Any, B: np.ndarray, b: np.ndarray) -> np.ndarray:
     return product
 
 
-def updated_block(block: Any, X: Any, B: np.ndarray, b: np.ndarray, eps: float, log_domain: bool) -> np.ndarray:
-    """The block's cost after the change ``X B^T - 1 b^T``, float32: ``D + change`` of a cost block
-    (log domain), or ``-eps log K + change`` of a kernel block.
-
-    The refined blocks always hold costs: the changes add up over the steps to many times
-    ``eps``, and their exponentials would leave float32's range, while the log-domain sweeps are
-    exact at any scale.
-    """
-    change = cost_increment(X, B, b)
+def updated_block(block: Any, X: Any, B: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    """A cost block after the change ``X B^T - 1 b^T`` (log domain): ``D + change``, float32."""
     values = np.asarray(load_block(block), dtype=np.float64)
-    if not log_domain:
-        with np.errstate(divide="ignore"):  # an entry that underflowed to 0 is a cost of +inf
-            values = -eps * np.log(values)
-    values += change
+    values += cost_increment(X, B, b)
     return values.astype(np.float32)
 
 
-def update_in_place(block: np.ndarray, X: Any, B: np.ndarray, b: np.ndarray, eps: float, log_domain: bool) -> None:
-    """:func:`updated_block` written over the block's own array (local memory storage)."""
-    block[...] = updated_block(block, X, B, b, eps, log_domain)
+def absorbed_block(block: Any, X: Any, p: np.ndarray, g: np.ndarray, B: np.ndarray, b: np.ndarray,
+                   eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """A kernel block after the cost change, with the potentials absorbed (kernel domain).
+
+    With the block holding ``K_ij = exp((F_i + G_j - C_ij)/eps)`` and the current column potential
+    ``g``, returns ``exp((F_i + f_i + G_j + g_j - C_ij - change_ij)/eps)`` in float32, whose rows sum
+    to ``p``, and the row potential ``f`` that made them so: the new kernel is the plan of the
+    changed cost after one row update, so its entries stay within ``[0, p_i]`` however far the
+    changes add up over the steps (Schmitzer's absorption), where ``K exp(-change/eps)`` would
+    leave float32's range.  The caller adds ``g`` to ``G`` and ``f`` to ``F``.
+    """
+    exponent = np.asarray(load_block(block), dtype=np.float64)
+    with np.errstate(divide="ignore"):  # an entry that underflowed to 0 stays 0
+        np.log(exponent, out=exponent)
+    exponent += (g / eps)[None, :] - cost_increment(X, B, b) / eps
+    shift = exponent.max(axis=1)
+    exponent -= shift[:, None]
+    np.exp(exponent, out=exponent)
+    log_row = shift + np.log(exponent.sum(axis=1))
+    p = np.asarray(p, np.float64)
+    exponent *= (p / exponent.sum(axis=1))[:, None]
+    return exponent.astype(np.float32), eps * (np.log(p) - log_row)
 
 
-def rewrite_stored(source: StoredBlock, X: Any, target: StoredBlock, B: np.ndarray, b: np.ndarray, eps: float,
-                   log_domain: bool) -> None:
-    """:func:`updated_block` of a stored chunk, written atomically to its chunk of another array.
+def update_in_place(block: np.ndarray, X: Any, p: np.ndarray, *, g: np.ndarray, B: np.ndarray, b: np.ndarray,
+                    eps: float, log_domain: bool) -> np.ndarray | None:
+    """The block's update written over its own array (local memory storage); the absorbed ``f`` or None."""
+    if log_domain:
+        block[...] = updated_block(block, X, B, b, eps)
+        return None
+    block[...], f = absorbed_block(block, X, p, g, B, b, eps)
+    return f
+
+
+def rewrite_stored(source: StoredBlock, X: Any, p: np.ndarray, target: StoredBlock, *, g: np.ndarray, B: np.ndarray,
+                   b: np.ndarray, eps: float, log_domain: bool) -> np.ndarray | None:
+    """The update of a stored chunk, written atomically to its chunk of another array; ``f`` or None.
 
     The source is never modified, so a retried task reads the same input and writes the same bytes.
     """
-    target.write(updated_block(source, X, B, b, eps, log_domain))
+    if log_domain:
+        target.write(updated_block(source, X, B, b, eps))
+        return None
+    values, f = absorbed_block(source, X, p, g, B, b, eps)
+    target.write(values)
+    return f

@@ -289,8 +289,11 @@ def _align(cells: ExpressionMatrix, spot_matrix: ExpressionMatrix, executor: Exe
             refined = refine_solution(kernel, result, p, q, X, spot_matrix.select_genes(genes).X, executor,
                                       cell_stats=(cell_summary.mean[cell_cols], cell_summary.std[cell_cols]),
                                       option=refine, eta=refine_eta, inner=refine_inner, tol=tol)
+        top_spot, top_probability, f = kernel.top_k(p, g if refine is None else refined.kernel_g, top_k, executor)
+        if refine is not None:
             g = refined.g
-        top_spot, top_probability, f = kernel.top_k(p, g, top_k, executor)
+            if refined.row_offset is not None:  # what the refined kernel blocks absorbed
+                f = f + refined.row_offset
         if check is not None:
             check_support(check, X, cost, kernel, g, executor).warn_if_failed(n_support)
         finished = result.converged

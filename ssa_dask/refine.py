@@ -30,7 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 import xarray as xr
 
-from ssa_dask._refine_blocks import plan_moments, rewrite_stored, take_rows, update_in_place, updated_block
+from ssa_dask._refine_blocks import absorbed_block, plan_moments, rewrite_stored, take_rows, update_in_place, updated_block
 from ssa_dask.assign import SPOT_DIM
 from ssa_dask.cluster import Executor
 from ssa_dask.errors import ConvergenceWarning, SSAInputError
@@ -65,7 +65,13 @@ class RefineResult:
     Attributes
     ----------
     g : (n_spots,) float64 array
-        Column potential after the last step (the kernel's blocks hold the refined kernel or cost).
+        Column potential of the refined plan after the last step.
+    kernel_g : (n_spots,) float64 array
+        The column potential to use with the kernel's blocks as they are now (in the kernel domain
+        they hold the refined kernel with the potentials so far absorbed; else equal to ``g``).
+    row_offset : (n_cells,) float64 array or None
+        What the kernel domain absorbed into the rows: the row potential of the refined plan is
+        this plus the one computed from the blocks (``Kernel.top_k``).  None in the log domain.
     steps : int
         Steps done.
     objective : (steps + 1,) array
@@ -87,6 +93,8 @@ class RefineResult:
     """
 
     g: np.ndarray
+    kernel_g: np.ndarray
+    row_offset: np.ndarray | None
     steps: int
     objective: np.ndarray
     held_out_score: np.ndarray | None
@@ -183,9 +191,10 @@ def refine(
 
     Notes
     -----
-    The first step turns a kernel-domain storage into the refined cost ``D + X A^T - 1 a^T``
-    (float32) and the iterations go on in the log domain: the changes add up to many times ``eps``
-    over the steps, and ``exp`` of them would leave float32's range.
+    In the kernel domain each update absorbs the potentials into the blocks (they then hold the
+    plan of the changed cost after one row update, see :func:`ssa_dask._refine_blocks.absorbed_block`),
+    so the entries stay in float32's range however far the changes add up, and the inner iterations
+    keep the fast kernel-domain sweep; in the log domain the blocks hold the refined cost.
     """
     executor = executor or Executor()
     began = time.perf_counter()
@@ -213,7 +222,10 @@ def refine(
     p_blocks = kernel.row_vector(p, executor)
     X_blocks = _cell_blocks(kernel, cells, executor)
     Z_sample = _sample_rows(kernel, X_blocks, step_scale_rows(n_cells), executor) * scale - shift
-    g = np.asarray(sinkhorn_result.g, dtype=np.float64).copy()
+    g = np.asarray(sinkhorn_result.g, dtype=np.float64).copy()  # column potential in the blocks' frame
+    absorbed_g = np.zeros(n_spots)  # kernel domain: what the blocks absorbed (refined g = absorbed_g + g)
+    absorbed_f: list[np.ndarray] | None = None if kernel.log_domain else [np.zeros(b - a) for a, b in
+                                                                           zip(kernel.bounds[:-1], kernel.bounds[1:])]
     A, a = np.zeros((n_spots, n_genes)), np.zeros(n_spots)
     objective: list[float] = []
     held: list[float] = []
@@ -239,8 +251,11 @@ def refine(
         # In the input values: Z_i . W_j = X_i . (scale * W_j) - shift . W_j.
         B = step * W * scale - tau * A
         b = step * (c + W @ shift) - tau * a
-        _update_blocks(kernel, X_blocks, B, b, executor, done + 1)
-        kernel.log_domain = True  # the blocks now hold the refined cost (see updated_block)
+        row_potential = _update_blocks(kernel, X_blocks, p_blocks, g, B, b, executor, done + 1)
+        if absorbed_f is not None:
+            absorbed_g += g
+            absorbed_f = [held + f for held, f in zip(absorbed_f, row_potential)]
+            g = np.zeros(n_spots)
         A, a = A + B, a + b
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # a few iterations per step, by design
@@ -249,7 +264,8 @@ def refine(
         inner_iterations += solved.n_iter
         done += 1
         step_seconds.append(time.perf_counter() - start)
-    return RefineResult(g=g, steps=done, objective=np.asarray(objective),
+    return RefineResult(g=absorbed_g + g, kernel_g=g,
+                        row_offset=None if absorbed_f is None else np.concatenate(absorbed_f), steps=done, objective=np.asarray(objective),
                         held_out_score=np.asarray(held) if held_out is not None else None, A=A, a=a,
                         marginal_error=marginal_error, inner_iterations=inner_iterations, step_seconds=step_seconds,
                         seconds=time.perf_counter() - began)
@@ -316,32 +332,57 @@ def _sample_rows(kernel: Kernel, X_blocks: list[Any], rows: np.ndarray, executor
     return np.concatenate(parts, axis=0)
 
 
-def _update_blocks(kernel: Kernel, X_blocks: list[Any], B: np.ndarray, b: np.ndarray, executor: Executor,
-                   step: int) -> None:
-    """Pass B: every block of the storage changed by ``X B^T - 1 b^T``, where it lives."""
+def _update_blocks(kernel: Kernel, X_blocks: list[Any], p_blocks: list[Any], g: np.ndarray, B: np.ndarray,
+                   b: np.ndarray, executor: Executor, step: int) -> list[np.ndarray] | None:
+    """Pass B: every block of the storage changed by ``X B^T - 1 b^T``, where it lives.
+
+    Returns the row potential each block absorbed (kernel domain), or None (log domain).
+    """
     storage = kernel.storage
-    options = dict(eps=kernel.eps, log_domain=kernel.log_domain)
+    options = dict(g=g, eps=kernel.eps, log_domain=kernel.log_domain)
     if executor.distributed:
         B = executor.client.scatter(B, broadcast=True, hash=False)
     if isinstance(storage, DiskBlocks):
         name = f"refine-{step % 2}.zarr"
         storage.store.create_array(name)  # a fresh array: the chunks read stay untouched (retry-safe)
         targets = storage.store.blocks(name)
-        kernel.map_blocks(rewrite_stored, executor, X_blocks, targets, B=B, b=b, label="refine: update", **options)
+        f = kernel.map_blocks(rewrite_stored, executor, X_blocks, p_blocks, targets, B=B, b=b, label="refine: update",
+                              **options)
         for old in storage.blocks:
             old.remove()
         storage.blocks = targets
-    elif isinstance(storage, MemoryBlocks) and executor.distributed:
+        return None if kernel.log_domain else f
+    if isinstance(storage, MemoryBlocks) and executor.distributed:
         client = executor.client
         who_has = client.who_has(storage.blocks)
         # The old futures are dropped as soon as their replacements are submitted: each old block is
         # released once its new one exists, so the workers hold about one copy of the kernel.
-        storage.blocks = [client.submit(updated_block, block, X, B, b, workers=list(who_has.get(block.key, ())) or None,
-                                        pure=False, **options) for block, X in zip(storage.blocks, X_blocks)]
+        pairs = [client.submit(_updated_pair, block, X, p, B=B, b=b, workers=list(who_has.get(block.key, ())) or None,
+                               pure=False, **options) for block, X, p in zip(storage.blocks, X_blocks, p_blocks)]
+        storage.blocks = [client.submit(_first, pair, workers=list(who_has.get(block.key, ())) or None, pure=False)
+                          for pair, block in zip(pairs, storage.blocks)]
+        f = client.gather([client.submit(_second, pair, pure=False) for pair in pairs])
         from distributed import wait
 
         wait(storage.blocks)
-    elif isinstance(storage, MemoryBlocks):
-        kernel.map_blocks(update_in_place, executor, X_blocks, B=B, b=b, **options)
-    else:
-        raise TypeError(f"refine cannot update a kernel storage of type {type(storage).__name__}")
+        return None if kernel.log_domain else f
+    if isinstance(storage, MemoryBlocks):
+        f = kernel.map_blocks(update_in_place, executor, X_blocks, p_blocks, B=B, b=b, **options)
+        return None if kernel.log_domain else f
+    raise TypeError(f"refine cannot update a kernel storage of type {type(storage).__name__}")
+
+
+def _updated_pair(block: Any, X: Any, p: np.ndarray, *, g: np.ndarray, B: np.ndarray, b: np.ndarray, eps: float,
+                  log_domain: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """A cluster task of pass B: the new block and the row potential it absorbed (None in the log domain)."""
+    if log_domain:
+        return updated_block(block, X, B, b, eps), None
+    return absorbed_block(block, X, p, g, B, b, eps)
+
+
+def _first(pair: tuple[Any, Any]) -> Any:
+    return pair[0]
+
+
+def _second(pair: tuple[Any, Any]) -> Any:
+    return pair[1]

@@ -81,7 +81,7 @@ def test_blockwise_refine_equals_the_dense_reference(problem, storage, log_domai
     try:
         result = refine(kernel, solved, p, q, X, spots, cell_stats=(sc.mean(0), sc.std(0)), features=features,
                         steps=steps, tol=TOL, tau=tau, held_out=held_out, patience=patience, executor=executor)
-        spot, probability, _ = kernel.top_k(p, result.g, 1, executor)
+        spot, probability, _ = kernel.top_k(p, result.kernel_g, 1, executor)
     finally:
         kernel.close()
     expected = refine_dense(dense.cost, p, q, dense.eps, sc, spots, solved.g, steps=steps, tol=TOL, tau=tau,
@@ -166,7 +166,7 @@ def test_refine_auto_stops_on_held_out_genes(counts_problem):
     assert result.attrs["refine"] == "auto"
     assert result.attrs["refine_steps"] == expected.steps <= AUTO_MAX_STEPS
     scores = result.attrs["refine_held_out_cosine"]
-    np.testing.assert_allclose(scores, expected.held_out, rtol=1e-6)  # the refined cost is stored in float32
+    np.testing.assert_allclose(scores, expected.held_out, rtol=1e-6)  # the refined blocks are float32
     if expected.steps < AUTO_MAX_STEPS:
         assert max(scores[-AUTO_PATIENCE:]) <= max(scores[:-AUTO_PATIENCE])
 
@@ -246,16 +246,24 @@ def test_a_retried_chunk_rewrite_writes_the_same_bytes(problem, tmp_path, log_do
     sc, spots, dense = problem
     store = KernelStore.create(tmp_path, dense.cost.shape, np.array([0, BLOCK, len(sc)]))
     source, target = store.blocks("cost.zarr")[0], store.blocks("kernel.zarr")[0]
-    source.write(dense.cost[:BLOCK].astype(np.float32))
+    held = dense.cost[:BLOCK] if log_domain else np.exp(-dense.cost[:BLOCK] / dense.eps)
+    source.write(held.astype(np.float32))
     B, b = np.random.default_rng(1).normal(size=spots.shape) * 1e-3, np.full(len(spots), 0.01)
-    rewrite_stored(source, sc[:BLOCK], target, B, b, eps=dense.eps, log_domain=log_domain)
+    p, g = np.full(BLOCK, 1.0 / len(sc)), np.linspace(-0.01, 0.01, len(spots))
+    options = dict(g=g, B=B, b=b, eps=dense.eps, log_domain=log_domain)
+    f = rewrite_stored(source, sc[:BLOCK], p, target, **options)
     first = target.file.read_bytes()
-    rewrite_stored(source, sc[:BLOCK], target, B, b, eps=dense.eps, log_domain=log_domain)
+    again = rewrite_stored(source, sc[:BLOCK], p, target, **options)
     assert target.file.read_bytes() == first
-    np.testing.assert_array_equal(source.load(), dense.cost[:BLOCK].astype(np.float32))  # the input is untouched
-    change = cost_increment(sc[:BLOCK], B, b)
-    # A kernel-domain block (here the cost's values read as kernel entries) becomes the cost -eps log K + change.
-    held = dense.cost[:BLOCK] if log_domain else -dense.eps * np.log(dense.cost[:BLOCK].astype(np.float32).astype(np.float64))
-    expected = held + change
-    np.testing.assert_allclose(target.load(), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(source.load(), held.astype(np.float32))  # the input is untouched
+    cost = dense.cost[:BLOCK] + cost_increment(sc[:BLOCK], B, b)
+    if log_domain:
+        assert f is None and again is None
+        np.testing.assert_allclose(target.load(), cost, rtol=1e-6, atol=1e-7)
+    else:
+        # The kernel domain absorbs the potentials: exp((f_i + g_j - C_ij)/eps), rows summing to p.
+        np.testing.assert_array_equal(f, again)
+        expected = np.exp((f[:, None] + g[None, :] - cost) / dense.eps)
+        np.testing.assert_allclose(target.load(), expected, rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(target.load().sum(1), p, rtol=1e-5)
     store.remove()
