@@ -221,7 +221,7 @@ def refine(
 
     p_blocks = kernel.row_vector(p, executor)
     X_blocks = _cell_blocks(kernel, cells, executor)
-    Z_sample = _sample_rows(kernel, X_blocks, step_scale_rows(n_cells), executor) * scale - shift
+    Z_sample = (_sample_rows(kernel, X_blocks, step_scale_rows(n_cells), executor) * scale - shift).astype(np.float32)
     g = np.asarray(sinkhorn_result.g, dtype=np.float64).copy()  # column potential in the blocks' frame
     absorbed_g = np.zeros(n_spots)  # kernel domain: what the blocks absorbed (refined g = absorbed_g + g)
     absorbed_f: list[np.ndarray] | None = None if kernel.log_domain else [np.zeros(b - a) for a, b in
@@ -244,7 +244,7 @@ def refine(
         if done:
             log.info("refine step %d: objective %.6f%s, %.1f s", done, value,
                      f", held-out cosine {held[-1]:.6f}" if held else "", step_seconds[-1])
-        largest = float(np.abs(Z_sample @ W.T - c).max())
+        largest = float(np.abs(Z_sample @ W.T.astype(np.float32) - c).max())  # SGEMM, like the blocks' products
         if done == steps or (patience is not None and stalled(held, patience)) or not largest > 0:
             break
         step = eta * kernel.eps / largest
