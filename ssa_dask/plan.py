@@ -37,6 +37,7 @@ from ssa_dask.assign import column_potential, read_result
 from ssa_dask.cluster import Executor, connect
 from ssa_dask.cost import PearsonCost, cost_blocks, lazy_pearson_cost
 from ssa_dask.errors import SSAInputError
+from ssa_dask.kernel._block_math import top_k_columns
 from ssa_dask.io import ExpressionMatrix, _take_columns, read_expression
 
 log = logging.getLogger(__name__)
@@ -640,11 +641,5 @@ def _entropy(T: np.ndarray) -> np.ndarray:
 def _top_k(k: int, T: np.ndarray) -> np.ndarray:
     """Spot indices (as floats) and row-normalised weights of the ``k`` largest entries per row, largest first."""
     P = normalize_rows(T)
-    if k < P.shape[1]:
-        top = np.argpartition(-P, k - 1, axis=1)[:, :k]
-    else:
-        top = np.tile(np.arange(P.shape[1]), (P.shape[0], 1))
-    weight = np.take_along_axis(P, top, axis=1)
-    order = np.argsort(-weight, axis=1, kind="stable")
-    return np.concatenate([np.take_along_axis(top, order, axis=1).astype(np.float64),
-                           np.take_along_axis(weight, order, axis=1)], axis=1)
+    top = top_k_columns(P, k)
+    return np.concatenate([top.astype(np.float64), np.take_along_axis(P, top, axis=1)], axis=1)

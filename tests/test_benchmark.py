@@ -63,7 +63,7 @@ def test_benchmark_end_to_end(tissue, tmp_path, monkeypatch):
         if name == "tangram":
             raise RuntimeError("boom (test stand-in)")
         assert "x" not in sc.obs and "true_spot" not in sc.obs  # no leak of the truth
-        assert list(spots.obs.columns) == ["x", "y"]
+        assert list(spots.obs.columns) == ["x", "y", "n_cells"]  # coordinates and the segmentation count only
         return real(name, sc, spots, seed=seed, **options)
 
     monkeypatch.setattr(peers, "run_method", run_method)

@@ -107,18 +107,22 @@ def top_k_block(block: Any, p: np.ndarray, g: np.ndarray, eps: float, log_domain
         rank = score
         log_offset = g.max() / eps + log_scale
     row_sum = score.sum(axis=1, dtype=np.float64)
-    if k == 1:
-        top = rank.argmax(axis=1)[:, None]
-    elif k < rank.shape[1]:
-        top = np.argpartition(-rank, k - 1, axis=1)[:, :k]
-    else:
-        top = np.tile(np.arange(k), (rank.shape[0], 1))
-    top_score = np.take_along_axis(score, top, axis=1).astype(np.float64)
-    order = np.argsort(-np.take_along_axis(rank, top, axis=1), axis=1, kind="stable")
-    top = np.take_along_axis(top, order, axis=1)
-    probability = np.take_along_axis(top_score, order, axis=1) / row_sum[:, None]
+    top = top_k_columns(rank, k)
+    probability = np.take_along_axis(score, top, axis=1).astype(np.float64) / row_sum[:, None]
     f = eps * (np.log(p) - np.log(row_sum) - log_offset)
     return np.concatenate([top.astype(np.float64), probability, f[:, None]], axis=1)
+
+
+def top_k_columns(rank: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of the ``k`` largest entries of each row of ``rank``, largest first (ties in column order)."""
+    if k == 1:
+        return rank.argmax(axis=1)[:, None]
+    if k < rank.shape[1]:
+        top = np.argpartition(-rank, k - 1, axis=1)[:, :k]
+    else:
+        top = np.tile(np.arange(rank.shape[1]), (rank.shape[0], 1))
+    order = np.argsort(-np.take_along_axis(rank, top, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1)
 
 
 def block_stats(block: Any) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ssa_dask.kernel._block_math import load_block, scaling
+from ssa_dask.kernel._block_math import load_block, scaling, top_k_columns
 from ssa_dask.kernel._sparse_sweeps import sparse_kernel_sweep
 
 
@@ -67,14 +67,8 @@ def top_k_sparse_block(block: Any, p: np.ndarray, g: np.ndarray, eps: float, k: 
     score = values.astype(np.float64) * b[index]
     kappa = far.astype(np.float64)
     row_sum = score.sum(axis=1) + kappa * (b.sum() - b[index].sum(axis=1))
-    if k < score.shape[1]:
-        top = np.argpartition(-score, k - 1, axis=1)[:, :k]
-    else:
-        top = np.tile(np.arange(score.shape[1]), (score.shape[0], 1))
-    top_score = np.take_along_axis(score, top, axis=1)
-    order = np.argsort(-top_score, axis=1, kind="stable")
-    top = np.take_along_axis(top, order, axis=1)
-    probability = np.take_along_axis(top_score, order, axis=1) / row_sum[:, None]
+    top = top_k_columns(score, k)
+    probability = np.take_along_axis(score, top, axis=1) / row_sum[:, None]
     spots = np.take_along_axis(index, top, axis=1)
     f = eps * (np.log(p) - np.log(row_sum) - g.max() / eps)
     return np.concatenate([spots.astype(np.float64), probability, f[:, None]], axis=1)
