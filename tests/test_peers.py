@@ -115,7 +115,7 @@ def test_available_methods_imports_no_heavy_dependency():
         "found = available_methods()\n"
         "heavy = [m for m in ('torch', 'tangram', 'moscot', 'jax', 'novosparc', 'scanpy') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
-        "assert set(found) == {'ssa', 'random', 'distmap', 'spaotsc', 'tangram', 'seurat', 'novosparc', 'moscot'}\n"
+        "assert set(found) == {'ssa', 'ssa_refined', 'random', 'distmap', 'spaotsc', 'tangram', 'seurat', 'novosparc', 'moscot'}\n"
         "assert found['random'] is None and found['distmap'] is None\n"
         "assert all(v is None or isinstance(v, str) for v in found.values())\n"
     )
