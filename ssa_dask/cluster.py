@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import dask
-import numpy as np
 import psutil
 from dask.callbacks import Callback
 
@@ -52,7 +51,7 @@ class Executor:
         """Apply ``func`` to each set of block handles in parallel; return results in order.
 
         Handles are NumPy arrays or small descriptors (local threads) or ``distributed`` futures,
-        which each task receives resolved.  One task per element, no graph building: the per-call
+        which each task receives resolved.  One task per block, no graph building: the per-call
         overhead is about a millisecond per task on a cluster and microseconds locally.  With
         ``label`` (and ``progress``), a bar counts the finished tasks.
         """
@@ -88,28 +87,11 @@ class Executor:
 
     def materialize_blocks(self, array: Any, label: str | None = None) -> list[Any]:
         """The row blocks of a Dask array, computed and held: NumPy arrays locally, futures on a
-        cluster (computed from the graph, so a lost block is recomputed from lineage).
-
-        On a cluster the blocks are spread evenly over the workers' threads, in contiguous runs
-        (:func:`block_workers`), so that every worker sweeps as many rows per iteration (the
-        scheduler alone leaves some workers a few blocks more, which every iteration waits for).
-        The placement is a loose restriction: a block whose worker is lost is recomputed elsewhere.
-        """
+        cluster (computed from the graph, so a lost block is recomputed from lineage)."""
         delayed_blocks = list(array.to_delayed().ravel())
         if self.client is None:
             return list(self.compute(*delayed_blocks, label=label))
-        nthreads = self.client.nthreads()
-        if not nthreads:  # workers still starting (an adaptive cluster): wherever they come up
-            futures = self.client.compute(delayed_blocks)
-        else:
-            futures = [None] * len(delayed_blocks)
-            owners = block_workers(len(delayed_blocks), nthreads)
-            for worker in dict.fromkeys(owners):
-                indices = [i for i, owner in enumerate(owners) if owner == worker]
-                placed = self.client.compute([delayed_blocks[i] for i in indices], workers=[worker],
-                                             allow_other_workers=True)
-                for index, future in zip(indices, placed):
-                    futures[index] = future
+        futures = self.client.compute(delayed_blocks)
         if self.progress and label is not None:
             _track_futures(futures, label)
         from distributed import wait
@@ -152,25 +134,6 @@ class Executor:
             return tuple(self.client.gather(futures))
         with _RichProgress(label) if show else contextlib.nullcontext():
             return dask.compute(*collections, scheduler="threads")
-
-
-def block_workers(n_blocks: int, nthreads: dict[str, int]) -> list[str]:
-    """The worker of each of ``n_blocks`` row blocks: contiguous runs, as many blocks per thread.
-
-    Workers are taken in address order; each gets ``n_blocks * threads / total threads`` blocks,
-    rounded so that the runs differ by at most one block per thread.
-
-    Raises
-    ------
-    SSAClusterError
-        The cluster has no worker.
-    """
-    workers = sorted(nthreads)
-    if not workers:
-        raise SSAClusterError("the Dask cluster has no worker to hold the kernel blocks")
-    slots = [worker for worker in workers for _ in range(max(1, nthreads[worker]))]
-    runs = np.array_split(np.arange(n_blocks), len(slots))
-    return [slot for slot, run in zip(slots, runs) for _ in run]
 
 
 def _progress_bar() -> Any:
