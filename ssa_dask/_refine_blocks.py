@@ -104,25 +104,26 @@ def absorbed_block(block: Any, X: Any, p: np.ndarray, g: np.ndarray, B: np.ndarr
     return exponent.astype(np.float32), eps * (np.log(p) - log_row)
 
 
-def update_in_place(block: np.ndarray, X: Any, p: np.ndarray, *, g: np.ndarray, B: np.ndarray, b: np.ndarray,
-                    eps: float, log_domain: bool) -> np.ndarray | None:
-    """The block's update written over its own array (local memory storage); the absorbed ``f`` or None."""
+def refined_block(block: Any, X: Any, p: np.ndarray, *, g: np.ndarray, B: np.ndarray, b: np.ndarray, eps: float,
+                  log_domain: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The block after the cost change, and the row potential it absorbed: :func:`absorbed_block`
+    in the kernel domain, :func:`updated_block` (and None) in the log domain."""
     if log_domain:
-        block[...] = updated_block(block, X, B, b, eps)
-        return None
-    block[...], f = absorbed_block(block, X, p, g, B, b, eps)
+        return updated_block(block, X, B, b, eps), None
+    return absorbed_block(block, X, p, g, B, b, eps)
+
+
+def update_in_place(block: np.ndarray, X: Any, p: np.ndarray, **options: Any) -> np.ndarray | None:
+    """:func:`refined_block` written over the block's own array (local memory storage); the absorbed ``f`` or None."""
+    block[...], f = refined_block(block, X, p, **options)
     return f
 
 
-def rewrite_stored(source: StoredBlock, X: Any, p: np.ndarray, target: StoredBlock, *, g: np.ndarray, B: np.ndarray,
-                   b: np.ndarray, eps: float, log_domain: bool) -> np.ndarray | None:
-    """The update of a stored chunk, written atomically to its chunk of another array; ``f`` or None.
+def rewrite_stored(source: StoredBlock, X: Any, p: np.ndarray, target: StoredBlock, **options: Any) -> np.ndarray | None:
+    """:func:`refined_block` of a stored chunk, written atomically to its chunk of another array; ``f`` or None.
 
     The source is never modified, so a retried task reads the same input and writes the same bytes.
     """
-    if log_domain:
-        target.write(updated_block(source, X, B, b, eps))
-        return None
-    values, f = absorbed_block(source, X, p, g, B, b, eps)
+    values, f = refined_block(source, X, p, **options)
     target.write(values)
     return f

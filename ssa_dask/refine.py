@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import operator
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 import xarray as xr
 
-from ssa_dask._refine_blocks import absorbed_block, plan_moments, rewrite_stored, take_rows, update_in_place, updated_block
+from ssa_dask._refine_blocks import plan_moments, refined_block, rewrite_stored, take_rows, update_in_place
 from ssa_dask.assign import SPOT_DIM
 from ssa_dask.cluster import Executor
 from ssa_dask.errors import ConvergenceWarning, SSAInputError
@@ -357,11 +358,11 @@ def _update_blocks(kernel: Kernel, X_blocks: list[Any], p_blocks: list[Any], g: 
         who_has = client.who_has(storage.blocks)
         # The old futures are dropped as soon as their replacements are submitted: each old block is
         # released once its new one exists, so the workers hold about one copy of the kernel.
-        pairs = [client.submit(_updated_pair, block, X, p, B=B, b=b, workers=list(who_has.get(block.key, ())) or None,
+        pairs = [client.submit(refined_block, block, X, p, B=B, b=b, workers=list(who_has.get(block.key, ())) or None,
                                pure=False, **options) for block, X, p in zip(storage.blocks, X_blocks, p_blocks)]
-        storage.blocks = [client.submit(_first, pair, workers=list(who_has.get(block.key, ())) or None, pure=False)
+        storage.blocks = [client.submit(operator.itemgetter(0), pair, workers=list(who_has.get(block.key, ())) or None, pure=False)
                           for pair, block in zip(pairs, storage.blocks)]
-        f = client.gather([client.submit(_second, pair, pure=False) for pair in pairs])
+        f = client.gather([client.submit(operator.itemgetter(1), pair, pure=False) for pair in pairs])
         from distributed import wait
 
         wait(storage.blocks)
@@ -371,18 +372,3 @@ def _update_blocks(kernel: Kernel, X_blocks: list[Any], p_blocks: list[Any], g: 
         return None if kernel.log_domain else f
     raise TypeError(f"refine cannot update a kernel storage of type {type(storage).__name__}")
 
-
-def _updated_pair(block: Any, X: Any, p: np.ndarray, *, g: np.ndarray, B: np.ndarray, b: np.ndarray, eps: float,
-                  log_domain: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """A cluster task of pass B: the new block and the row potential it absorbed (None in the log domain)."""
-    if log_domain:
-        return updated_block(block, X, B, b, eps), None
-    return absorbed_block(block, X, p, g, B, b, eps)
-
-
-def _first(pair: tuple[Any, Any]) -> Any:
-    return pair[0]
-
-
-def _second(pair: tuple[Any, Any]) -> Any:
-    return pair[1]
