@@ -2,9 +2,9 @@
 without losing mean distance, measured under the paper's semi-simulation protocol.
 
 The slide is binned and the replicates are drawn exactly as ``ssa-dask benchmark`` does
-(:func:`ssa_dask.benchmark.run_benchmark`: common cell filter, ``bin_to_spots``, ``sample_replicates``
+(:func:`ssa_dask.evaluation.run.run_benchmark`: common cell filter, ``bin_to_spots``, ``sample_replicates``
 with ``fraction=0.5`` and seed 0, replicate ``r`` is the benchmark's replicate ``r``) and every
-mapping is scored with the benchmark's own :func:`~ssa_dask.benchmark.score_mapping`, so the
+mapping is scored with the benchmark's own :func:`~ssa_dask.evaluation.run.score_mapping`, so the
 numbers are comparable with ``benchmarks/results/paper_protocol``.
 
 The SSA start is the dense reference (:func:`ssa_dask.reference.ssa_dense`: ``D = 1 - |rho|``,
@@ -444,7 +444,7 @@ def variants() -> list[Variant]:
 def tangram_with_prior(rep: ad.AnnData, spots: ad.AnnData, genes: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
     """Tangram ``mode="cells"`` (1000 epochs, lr 0.1) with ``density_prior = n_cells / sum``; plan and seconds.
 
-    Mirrors :mod:`ssa_dask.peers.tangram` (same genes, seeds and inputs) except the prior, which is
+    Mirrors :mod:`ssa_dask.evaluation.peers.tangram` (same genes, seeds and inputs) except the prior, which is
     put where ``tangram.pp_adatas`` puts its ``rna_count_based`` prior (``tangram`` 1.0 cannot take
     an ndarray prior: it compares it with a string).
     """

@@ -8,6 +8,13 @@ counters: ``read_bytes``/``write_bytes`` reached the block device, ``*_chars`` i
 hits), iterations, where the kernel lived, the timeline of ``ssa_dask`` log messages, and the
 accuracy against the synthetic truth (``obs["true_spot"]``, ``obs["domain"]``).
 
+``--spots`` takes several sizes (spots as a second scaling axis, e.g. ``--spots 4000 20000 100000``);
+``--kernel-dtype`` and ``--kernel`` (``dense`` or ``multiscale``, with ``--n-support``) pick the
+kernel.  Each run reports where its time went, from the ``ssa_dask`` log timeline: reading and
+per-gene statistics up to the gene selection, the kernel (cost GEMM, ``exp``, storing; a 16-bit
+kernel computes the cost twice; the multiscale kernel clusters the spots and finds each cell's
+support), the Sinkhorn iterations, and the assignment (top-k pass) with the output.
+
 ``--check-storage N`` also aligns the first ``N`` cells twice, kernel in memory and kernel in a
 Zarr store streamed every iteration, and compares the assignments.
 
@@ -18,6 +25,10 @@ Usage::
     python benchmarks/bench_scaling.py --sizes 1000000 --name scaling_1m  # ~1 h, 16 GB kernel on disk
     python benchmarks/bench_scaling.py --sizes --check-storage 50000 --name storage_check
     python benchmarks/bench_scaling.py --sizes 100000 1000000 --synth-only --name synth  # generator only
+    python benchmarks/bench_scaling.py --sizes 100000 --spots 4000 20000 --genes 500 --kernel-dtype float16 \
+        --name scaling_spots_dense                                       # spots as the axis
+    python benchmarks/bench_scaling.py --sizes 1000000 --spots 20000 --genes 500 --kernel-dtype float16 \
+        --storage zarr --name scaling_1m_x_20k                           # 40 GB float16 kernel streamed from Zarr
 """
 
 from __future__ import annotations
@@ -39,7 +50,8 @@ from _common import WORK_DIR, io_bytes, loadavg, print_table, run_child, write_r
 def _synth_child(args: argparse.Namespace) -> None:
     from ssa_dask.evaluation.synth import SynthParams, write_synth
 
-    params = SynthParams(n_cells=args.cells, n_genes=args.genes, n_spots=args.spots, density=args.density, seed=args.seed)
+    params = SynthParams(n_cells=args.cells, n_genes=args.genes, n_spots=args.spots[0], density=args.density,
+                         seed=args.seed)
     t0 = time.perf_counter()
     write_synth(args.data, params, chunk_rows=args.chunk_rows, overwrite=True)
     result = {"seconds": time.perf_counter() - t0, "io": io_bytes()}
@@ -74,6 +86,7 @@ def _align_child(args: argparse.Namespace) -> None:
         kwargs["kernel_path"] = args.kernel_path
     if args.block_rows:
         kwargs["block_rows"] = args.block_rows
+    kwargs.update(kernel_dtype=args.kernel_dtype, kernel=args.kernel, n_support=args.n_support)
     io0 = io_bytes()
     ds = ssa_dask.align(str(data / "cells.zarr"), str(data / "spots.zarr"), **kwargs)
     seconds = time.perf_counter() - start
@@ -90,6 +103,7 @@ def _align_child(args: argparse.Namespace) -> None:
         "n_cells": int(ds.sizes["cell"]),
         "attrs": {k: v for k, v in ds.attrs.items() if k != "column_potential" and not isinstance(v, (list, np.ndarray))},
         "timeline": timeline.events,
+        "stages": stage_seconds(timeline.events, seconds, ds.attrs["sinkhorn_seconds"]),
         "accuracy": {
             "true_spot": float((spot == true_spot).mean()),
             "domain": float((spot_obs["domain"].to_numpy()[spot] == obs["domain"].to_numpy()).mean()),
@@ -101,25 +115,38 @@ def _align_child(args: argparse.Namespace) -> None:
     Path(args.result).write_text(json.dumps(result, default=float))
 
 
+def stage_seconds(events: list[tuple[float, str]], total: float, sinkhorn: float) -> dict[str, float]:
+    """Seconds per stage of one ``align`` run, from its log timeline (``(seconds, message)`` pairs).
+
+    ``read + statistics``: start to the gene selection's message (the pass over the inputs);
+    ``kernel``: from there to the start of the Sinkhorn iterations; ``sinkhorn``: the solver's own
+    time; ``assignment + output``: the rest (top-k pass, the result dataset).
+    """
+    selected = next(t for t, message in events if message.startswith("using "))
+    solved = next(t for t, message in events if message.startswith("Sinkhorn: "))
+    return {"read + statistics": selected, "kernel": solved - sinkhorn - selected, "sinkhorn": sinkhorn,
+            "assignment + output": total - solved}
+
+
 # ----------------------------------------------------------------------------- parent
 def _run_child(argv: list[str], result: Path, log: Path) -> dict:
     """Run this script as a child (see ``_common.run_child``)."""
     return run_child(__file__, argv, result, log, interval=0.2)
 
 
-def _data_dir(args: argparse.Namespace, n: int) -> Path:
-    return WORK_DIR / f"synth_{n}x{args.genes}_s{args.spots}_d{args.density:g}_seed{args.seed}"
+def _data_dir(args: argparse.Namespace, n: int, spots: int) -> Path:
+    return WORK_DIR / f"synth_{n}x{args.genes}_s{spots}_d{args.density:g}_seed{args.seed}"
 
 
-def ensure_data(args: argparse.Namespace, n: int) -> tuple[Path, dict | None]:
-    """Write the synthetic data set for ``n`` cells unless a complete one is there."""
-    data = _data_dir(args, n)
+def ensure_data(args: argparse.Namespace, n: int, spots: int) -> tuple[Path, dict | None]:
+    """Write the synthetic data set for ``n`` cells and ``spots`` spots unless a complete one is there."""
+    data = _data_dir(args, n, spots)
     if (data / "synth.json").exists() and (data / "spots.zarr").exists():
         return data, None
     argv = ["--synth-child", "--data", str(data), "--cells", str(n), "--genes", str(args.genes), "--spots",
-            str(args.spots), "--density", str(args.density), "--seed", str(args.seed), "--chunk-rows", str(args.chunk_rows)]
-    info = _run_child(argv, WORK_DIR / f"synth_{n}.json", WORK_DIR / "logs" / f"synth_{n}.log")
-    print(f"  synth {n:,} cells: {info['seconds']:.1f} s, peak RSS {info['peak_rss_gib']:.2f} GiB")
+            str(spots), "--density", str(args.density), "--seed", str(args.seed), "--chunk-rows", str(args.chunk_rows)]
+    info = _run_child(argv, WORK_DIR / f"synth_{n}x{spots}.json", WORK_DIR / "logs" / f"synth_{n}x{spots}.log")
+    print(f"  synth {n:,} cells x {spots:,} spots: {info['seconds']:.1f} s, peak RSS {info['peak_rss_gib']:.2f} GiB")
     return data, info
 
 
@@ -129,7 +156,8 @@ def run_align(args: argparse.Namespace, data: Path, tag: str, storage: str) -> d
         shutil.rmtree(kernel_path)
     kernel_path.parent.mkdir(parents=True, exist_ok=True)
     argv = ["--align-child", "--data", str(data), "--storage", storage, "--tol", str(args.tol),
-            "--max-iter", str(args.max_iter), "--kernel-path", str(kernel_path)]
+            "--max-iter", str(args.max_iter), "--kernel-path", str(kernel_path), "--kernel-dtype", args.kernel_dtype,
+            "--kernel", args.kernel, "--n-support", str(args.n_support)]
     if args.block_rows:
         argv += ["--block-rows", str(args.block_rows)]
     try:
@@ -147,7 +175,7 @@ def _fit_exponent(ns: list[int], ts: list[float]) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 30_000, 100_000])
-    ap.add_argument("--spots", type=int, default=4000)
+    ap.add_argument("--spots", type=int, nargs="+", default=[4000], help="spot counts (a second scaling axis)")
     ap.add_argument("--genes", type=int, default=5000)
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
@@ -156,6 +184,9 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=1e-6)
     ap.add_argument("--max-iter", type=int, default=2000)
     ap.add_argument("--block-rows", type=int, default=None)
+    ap.add_argument("--kernel-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    ap.add_argument("--kernel", default="dense", choices=["dense", "multiscale"])
+    ap.add_argument("--n-support", type=int, default=256, help="spots per cell of the multiscale kernel")
     ap.add_argument("--check-storage", type=int, default=0, metavar="N",
                     help="also compare kernel in memory vs in Zarr on the first N cells")
     ap.add_argument("--synth-only", action="store_true",
@@ -180,30 +211,34 @@ def main() -> None:
     if args.synth_only:
         synth_runs = []
         for n in args.sizes:
-            data = _data_dir(args, n)
-            if data.exists():
-                shutil.rmtree(data)
-            _, info = ensure_data(args, n)
-            size = sum(f.stat().st_size for f in data.rglob("*") if f.is_file())
-            synth_runs.append({"cells": n, **info, "bytes_on_disk": size})
-        print_table("ssa_dask.evaluation.synth.write_synth", ["cells", "seconds", "peak RSS GiB", "GB on disk", "chunk rows"],
-                    [[f"{r['cells']:,}", r["seconds"], r["peak_rss_gib"], r["bytes_on_disk"] / 1e9, args.chunk_rows]
-                     for r in synth_runs])
+            for spots in args.spots:
+                data = _data_dir(args, n, spots)
+                if data.exists():
+                    shutil.rmtree(data)
+                _, info = ensure_data(args, n, spots)
+                size = sum(f.stat().st_size for f in data.rglob("*") if f.is_file())
+                synth_runs.append({"cells": n, "spots": spots, **info, "bytes_on_disk": size})
+        print_table("ssa_dask.evaluation.synth.write_synth",
+                    ["cells", "spots", "seconds", "peak RSS GiB", "GB on disk", "chunk rows"],
+                    [[f"{r['cells']:,}", f"{r['spots']:,}", r["seconds"], r["peak_rss_gib"], r["bytes_on_disk"] / 1e9,
+                      args.chunk_rows] for r in synth_runs])
         write_result(args.name, {"args": vars(args), "synth": synth_runs}, load_before)
         return None
     for n in args.sizes:
-        data, synth = ensure_data(args, n)
-        print(f"  align {n:,} cells ...", flush=True)
-        res = run_align(args, data, f"{n}_{args.storage}", args.storage)
-        res.update({"cells": n, "synth": synth, "loadavg_after": loadavg()})
-        runs.append(res)
-        print(f"  align {n:,} cells: {res['seconds']:.1f} s, peak RSS {res['peak_rss_gib']:.2f} GiB, "
-              f"{res['attrs'].get('n_iter')} iterations, kernel in {res['attrs'].get('kernel_storage')}", flush=True)
+        for spots in args.spots:
+            data, synth = ensure_data(args, n, spots)
+            print(f"  align {n:,} cells x {spots:,} spots ...", flush=True)
+            res = run_align(args, data, f"{n}x{spots}_{args.storage}", args.storage)
+            res.update({"cells": n, "spots": spots, "synth": synth, "loadavg_after": loadavg()})
+            runs.append(res)
+            print(f"  align {n:,} x {spots:,}: {res['seconds']:.1f} s, peak RSS {res['peak_rss_gib']:.2f} GiB, "
+                  f"{res['attrs'].get('n_iter')} iterations, kernel {res['attrs'].get('kernel_dtype')} in "
+                  f"{res['attrs'].get('kernel_storage')}", flush=True)
 
     check = None
     if args.check_storage:
         n = args.check_storage
-        data, _ = ensure_data(args, n)
+        data, _ = ensure_data(args, n, args.spots[0])
         both = {s: run_align(args, data, f"{n}_check_{s}", s) for s in ("memory", "zarr")}
         tags = {s: WORK_DIR / f"align_{n}_check_{s}.json" for s in both}
         spot = {s: np.load(str(tags[s]) + ".spot.npy") for s in both}
@@ -223,16 +258,24 @@ def main() -> None:
     for r in runs:
         a = r["attrs"]
         it = a.get("n_iter") or 0
-        table.append([f"{r['cells']:,}", r["seconds"], r["seconds"] / r["cells"] * 1e6, r["peak_rss_gib"],
+        table.append([f"{r['cells']:,}", f"{r['spots']:,}", r["seconds"], r["peak_rss_gib"],
                       (r["io"]["read_bytes"]) / 1e9, r["io"]["read_chars"] / 1e9, r["io"]["write_bytes"] / 1e9, it,
-                      (a.get("sinkhorn_seconds") or 0) / max(it, 1), a.get("kernel_storage"), a.get("converged"),
-                      r["accuracy"]["domain"]])
-    print_table(f"align: cells x {args.spots:,} spots x {args.genes:,} genes (density {args.density:g}), load {load_before}",
-                ["cells", "wall s", "us/cell", "peak RSS GiB", "disk read GB", "read() GB", "disk write GB", "iters",
-                 "s/iter", "K in", "converged", "domain acc"], table)
-    exponent = _fit_exponent([r["cells"] for r in runs], [r["seconds"] for r in runs])
-    if exponent is not None:
-        print(f"time ~ cells^{exponent:.2f} (log-log fit over the sizes above; 1.00 = linear)")
+                      (a.get("sinkhorn_seconds") or 0) / max(it, 1), f"{a.get('kernel_dtype')} {a.get('kernel_storage')}",
+                      a.get("converged"), r["accuracy"]["domain"]])
+    print_table(f"align: cells x spots x {args.genes:,} genes (density {args.density:g}), load {load_before}",
+                ["cells", "spots", "wall s", "peak RSS GiB", "disk read GB", "read() GB", "disk write GB", "iters",
+                 "s/iter", "K", "converged", "domain acc"], table)
+    stage_names = list(runs[0]["stages"]) if runs else []
+    print_table("where the time goes (seconds; share of the run)", ["cells", "spots", *stage_names],
+                [[f"{r['cells']:,}", f"{r['spots']:,}",
+                  *(f"{r['stages'][k]:.1f} ({r['stages'][k] / r['seconds']:.0%})" for k in stage_names)] for r in runs])
+    for axis, other in (("cells", "spots"), ("spots", "cells")):
+        for fixed in sorted({r[other] for r in runs}):
+            along = [r for r in runs if r[other] == fixed]
+            exponent = _fit_exponent([r[axis] for r in along], [r["seconds"] for r in along])
+            if exponent is not None:
+                print(f"time ~ {axis}^{exponent:.2f} at {fixed:,} {other} (log-log fit; 1.00 = linear)")
+    exponent = _fit_exponent([r["cells"] for r in runs], [r["seconds"] for r in runs]) if len(args.spots) == 1 else None
     if check:
         print_table(f"Kernel in memory vs in Zarr, {check['cells']:,} cells", ["check", "value"],
                     [[k, v] for k, v in check.items() if k != "io"])

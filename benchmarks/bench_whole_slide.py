@@ -64,7 +64,7 @@ def load_slide(h5ad: Path, n_spots: int) -> tuple[Any, Any, np.ndarray, np.ndarr
     """A real single-cell slide binned into about ``n_spots`` square spots (both log1p, as the paper)."""
     import anndata as ad
 
-    from ssa_dask.simulate import bin_to_spots
+    from ssa_dask.evaluation.simulate import bin_to_spots
 
     cells = ad.read_h5ad(h5ad)
     spots, cell_spot = bin_to_spots(cells, n_spots=n_spots, log1p=True)
