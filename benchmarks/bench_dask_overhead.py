@@ -24,7 +24,11 @@ in the scheduler's task stream (it should be the number of worker threads).  Sin
 on a shared machine mostly measure the other jobs, the CPU time that Dask itself spends per
 iteration is reported too: in the event-loop thread that runs the LocalCluster's scheduler and
 the client (this process), and in the worker and nanny processes (the sweeps included, which cost
-the same CPU time however they are scheduled).
+the same CPU time however they are scheduled).  The same run times an *empty* round trip (as many
+no-op tasks as worker threads, ``client.map`` + ``gather``, no dependencies, no data): the floor
+of any design with one round trip per iteration on this cluster.  On a 2-core machine the
+scheduler, the client and the workers share the two cores, so the scheduler's CPU time per
+iteration is taken from the sweeps; on a cluster the scheduler has its own machine.
 
 Usage::
 
@@ -168,6 +172,7 @@ def distributed_run(n_workers: int, args, p, q, local_kernel: Kernel) -> dict:
             wall = time.perf_counter() - t0
         loop_cpu = _thread_cpu_seconds(loop_thread) - loop_before
         workers_cpu = sum(map(_cpu_seconds, workers)) - workers_before
+        floor = round_trip_floor(client, n_workers * threads, loop_thread, workers, args.iters)
         compute = sum(ss["stop"] - ss["start"] for task in ts.data for ss in task["startstops"]
                       if ss["action"] == "compute")
         transfer = sum(ss["stop"] - ss["start"] for task in ts.data for ss in task["startstops"]
@@ -183,7 +188,29 @@ def distributed_run(n_workers: int, args, p, q, local_kernel: Kernel) -> dict:
                 "overhead_vs_local_s": overhead,
                 "scheduler_client_cpu_s_per_iter": loop_cpu / args.iters,
                 "workers_cpu_s_per_iter": workers_cpu / args.iters,
+                "empty_round_trip": floor,
                 "compute_share": compute / (wall * n_workers * threads)}
+
+
+def _empty_task(index: int) -> None:
+    return None
+
+
+def round_trip_floor(client, n_tasks: int, loop_thread: int, workers: list, iters: int) -> dict:
+    """Wall and CPU seconds of ``iters`` empty ``client.map`` + ``gather`` round trips of ``n_tasks`` tasks.
+
+    The least any design with one round trip per iteration pays on this cluster (no dependencies,
+    no data), measured on the same processes as the Sinkhorn runs.
+    """
+    for _ in range(3):
+        client.gather(client.map(_empty_task, range(n_tasks), pure=False))
+    loop_before, workers_before = _thread_cpu_seconds(loop_thread), sum(map(_cpu_seconds, workers))
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        client.gather(client.map(_empty_task, range(n_tasks), pure=False))
+    return {"wall_s": (time.perf_counter() - t0) / iters,
+            "scheduler_client_cpu_s": (_thread_cpu_seconds(loop_thread) - loop_before) / iters,
+            "workers_cpu_s": (sum(map(_cpu_seconds, workers)) - workers_before) / iters}
 
 
 def _cpu_seconds(process: psutil.Process) -> float:
@@ -243,13 +270,16 @@ def main() -> None:
     print_table(f"Distributed overhead over the local executor (median of {args.repeat + 1} paired runs; "
                 f"target <= {TARGET_MS:g} ms)", ["executor", "local ms/iter", "distributed ms/iter",
                                                   "overhead ms/iter", "target met", "sweep tasks/iter",
-                                                  "scheduler+client CPU ms/iter", "workers CPU ms/iter"],
+                                                  "scheduler+client CPU ms/iter", "workers CPU ms/iter",
+                                                  "empty round trip ms (its CPU: scheduler+client / workers)"],
                 [[f"{d['workers']} worker(s) x {d['threads_per_worker']} thread(s)",
                   np.median([pair["local"] for pair in d["paired_s_per_iter"]]) * 1e3,
                   np.median([pair["distributed"] for pair in d["paired_s_per_iter"]]) * 1e3,
                   d["overhead_vs_local_s"] * 1e3, "yes" if d["overhead_vs_local_s"] * 1e3 <= TARGET_MS else "no",
                   f"{d['sweep_tasks_per_iter']:g}", d["scheduler_client_cpu_s_per_iter"] * 1e3,
-                  d["workers_cpu_s_per_iter"] * 1e3] for d in dist])
+                  d["workers_cpu_s_per_iter"] * 1e3,
+                  f"{d['empty_round_trip']['wall_s'] * 1e3:.1f} ({d['empty_round_trip']['scheduler_client_cpu_s'] * 1e3:.1f}"
+                  f" / {d['empty_round_trip']['workers_cpu_s'] * 1e3:.1f})"] for d in dist])
     print(f"peak RSS (this process; workers are separate processes) {mem.peak_gib:.2f} GiB")
     write_result(args.name, {"args": vars(args), "n_blocks": n_blocks, "no_dask_s": floor,
                              "local_executor_s": local_exec, "dask_threads_s": thr,

@@ -44,7 +44,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakMemory, loadavg, print_table, run_child, write_result  # noqa: E402
+from _common import WORK_DIR, PeakMemory, loadavg, print_table, run_child, write_result  # noqa: E402
 
 LAM = 0.05
 TOL = 1e-6
@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     load = loadavg()
     if args.child:
-        out = Path(args.result or "whole_slide_child.json")
+        out = Path(args.result) if args.result else WORK_DIR / "whole_slide" / f"{args.name or args.mode}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
         forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--child"]
         payload = run_child(__file__, forwarded, out.with_suffix(".child.json"), out.with_suffix(".log"))
     else:

