@@ -70,3 +70,37 @@ def test_reference_is_sensitive_to_one_row() -> None:
     out = np.zeros(37)
     kernel_sweep(K[:16], p[:16], b, out)
     assert not np.allclose(out, reference_marginal(K, p, b), rtol=2e-6, atol=0)
+
+
+GENERIC_TARGET_SCRIPT = """
+import numpy as np
+from ssa_dask.kernel import _sweeps
+assert not _sweeps.HARDWARE_HALF, "a generic target must not use the hardware float16 conversion"
+rng = np.random.default_rng(0)
+K = np.exp(-20.0 * rng.random((29, 37))).astype(np.float32) * np.float32(2.0**15)
+bits = K.astype(np.float16).view(np.uint16)
+p = np.full(29, 1 / 29)
+b = np.exp(-rng.random(37)).astype(np.float32)
+out, expected = np.zeros(37), np.zeros(37)
+_sweeps.kernel_sweep(bits, p, b, out, False)
+_sweeps.kernel_sweep(_sweeps.decode_half(bits, False), p, b, expected, False)
+np.testing.assert_allclose(out, expected, rtol=1e-6)
+print("ok")
+"""
+
+
+def test_float16_sweep_compiles_for_a_cpu_without_f16c(tmp_path) -> None:
+    """NUMBA_CPU_NAME=generic (x86-64 without F16C, as for portable caches): the sweep still compiles
+    (LLVM's half conversion would need a library call Numba cannot link, and abort the process) and
+    gives the same marginal through the integer decoding."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the generic-target fallback concerns x86-64 (AArch64 always converts float16 in hardware)")
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", GENERIC_TARGET_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr

@@ -16,10 +16,12 @@ The functions release the GIL, so Dask threads run blocks in parallel.
 
 from __future__ import annotations
 
+import platform
 from typing import Any
 
 import numba
 import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic, overload
@@ -68,6 +70,26 @@ def _half_to_float32(typingctx: Any, bits: Any) -> Any:
     return types.float32(types.uint16), codegen
 
 
+def _widens_half_in_hardware() -> bool:
+    """Whether Numba's target CPU converts float16 to float32 in hardware (x86 F16C, or AArch64).
+
+    Without it LLVM lowers ``fpext half`` to a runtime-library call that Numba cannot link (the
+    process aborts), so a generic or named target (``NUMBA_CPU_NAME``, e.g. for portable caches),
+    or features without F16C (``NUMBA_CPU_FEATURES``), use the integer decoding instead.
+    """
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    if numba.config.CPU_NAME not in (None, "host"):
+        return False
+    if numba.config.CPU_FEATURES is not None:
+        return "+f16c" in numba.config.CPU_FEATURES.split(",")
+    return bool(llvm.get_host_cpu_features().get("f16c", False))
+
+
+#: float16 entries are widened by the CPU's conversion (else by integer decoding, same values).
+HARDWARE_HALF = _widens_half_in_hardware()
+
+
 @numba.njit(inline="always")
 def _bfloat16_value(h: np.uint16) -> np.float32:
     """The bfloat16 given by its bits, as float32 (its upper half), exactly."""
@@ -87,12 +109,20 @@ def _entry_overload(rows, i, j, bfloat16):  # noqa: ANN001, ANN201
     """The implementation of :func:`_entry` for the block's dtype."""
     if rows.dtype == types.float32:
         return lambda rows, i, j, bfloat16: rows[i, j]
+    if rows.dtype == types.uint16 and HARDWARE_HALF:
+        def widened(rows, i, j, bfloat16):  # noqa: ANN001, ANN202
+            h = rows[i, j]
+            if bfloat16:
+                return _bfloat16_value(h)
+            return _half_to_float32(h)
+
+        return widened
     if rows.dtype == types.uint16:
         def decoded(rows, i, j, bfloat16):  # noqa: ANN001, ANN202
             h = rows[i, j]
             if bfloat16:
                 return _bfloat16_value(h)
-            return _half_to_float32(h)
+            return _float16_magnitude(h)
 
         return decoded
     return None
