@@ -86,7 +86,9 @@ def _align_child(args: argparse.Namespace) -> None:
         kwargs["kernel_path"] = args.kernel_path
     if args.block_rows:
         kwargs["block_rows"] = args.block_rows
-    kwargs.update(kernel_dtype=args.kernel_dtype, kernel=args.kernel, n_support=args.n_support)
+    kwargs.update(kernel_dtype=args.kernel_dtype, kernel=args.kernel)
+    if args.n_support:
+        kwargs["n_support"] = args.n_support
     io0 = io_bytes()
     ds = ssa_dask.align(str(data / "cells.zarr"), str(data / "spots.zarr"), **kwargs)
     seconds = time.perf_counter() - start
@@ -157,7 +159,7 @@ def run_align(args: argparse.Namespace, data: Path, tag: str, storage: str) -> d
     kernel_path.parent.mkdir(parents=True, exist_ok=True)
     argv = ["--align-child", "--data", str(data), "--storage", storage, "--tol", str(args.tol),
             "--max-iter", str(args.max_iter), "--kernel-path", str(kernel_path), "--kernel-dtype", args.kernel_dtype,
-            "--kernel", args.kernel, "--n-support", str(args.n_support)]
+            "--kernel", args.kernel, *(["--n-support", str(args.n_support)] if args.n_support else [])]
     if args.block_rows:
         argv += ["--block-rows", str(args.block_rows)]
     try:
@@ -186,7 +188,8 @@ def main() -> None:
     ap.add_argument("--block-rows", type=int, default=None)
     ap.add_argument("--kernel-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     ap.add_argument("--kernel", default="dense", choices=["dense", "multiscale"])
-    ap.add_argument("--n-support", type=int, default=256, help="spots per cell of the multiscale kernel")
+    ap.add_argument("--n-support", type=int, default=None,
+                    help="spots per cell of the multiscale kernel (default: align's)")
     ap.add_argument("--check-storage", type=int, default=0, metavar="N",
                     help="also compare kernel in memory vs in Zarr on the first N cells")
     ap.add_argument("--synth-only", action="store_true",
