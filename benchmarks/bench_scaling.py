@@ -272,17 +272,18 @@ def main() -> None:
     print_table("where the time goes (seconds; share of the run)", ["cells", "spots", *stage_names],
                 [[f"{r['cells']:,}", f"{r['spots']:,}",
                   *(f"{r['stages'][k]:.1f} ({r['stages'][k] / r['seconds']:.0%})" for k in stage_names)] for r in runs])
+    exponents = {}
     for axis, other in (("cells", "spots"), ("spots", "cells")):
         for fixed in sorted({r[other] for r in runs}):
             along = [r for r in runs if r[other] == fixed]
             exponent = _fit_exponent([r[axis] for r in along], [r["seconds"] for r in along])
             if exponent is not None:
+                exponents[f"{axis} at {fixed} {other}"] = exponent
                 print(f"time ~ {axis}^{exponent:.2f} at {fixed:,} {other} (log-log fit; 1.00 = linear)")
-    exponent = _fit_exponent([r["cells"] for r in runs], [r["seconds"] for r in runs]) if len(args.spots) == 1 else None
     if check:
         print_table(f"Kernel in memory vs in Zarr, {check['cells']:,} cells", ["check", "value"],
                     [[k, v] for k, v in check.items() if k != "io"])
-    write_result(args.name, {"args": vars(args), "runs": runs, "time_exponent": exponent, "storage_check": check},
+    write_result(args.name, {"args": vars(args), "runs": runs, "time_exponents": exponents, "storage_check": check},
                  load_before)
 
 
